@@ -1,0 +1,105 @@
+"""Publish a trained model as a versioned, verifiable run folder.
+
+Layout: `<output_uri>/<model_name>/<version>/` holds the model files at its root (so that
+`from_pretrained(<run folder>)` works), `metrics.json`, `data_meta.json`, and `manifest.json`.
+The manifest is written last and lists a SHA-256 of every file: a run folder without a manifest
+is incomplete and must be ignored.
+"""
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from flytetune import storage
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def new_version(now: dt.datetime | None = None) -> str:
+    """Sortable and unique enough for concurrent runs: UTC time plus 4 random hex digits."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{os.urandom(2).hex()}"
+
+
+def code_version() -> str | None:
+    """The git commit this code came from: stamped into images, or read from a checkout."""
+    stamped = os.environ.get("FLYTETUNE_CODE_VERSION")
+    if stamped:
+        return stamped
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict, config: dict,
+            data_meta: dict, version: str | None = None) -> str:
+    """Upload the model folder with its metrics and lineage; return the run folder URI."""
+    version = version or new_version()
+    run_uri = join(output_uri, model_name, version)
+    if storage.exists(join(run_uri, MANIFEST)):
+        raise FileExistsError(f"{run_uri}: already published (manifest.json exists)")
+
+    with tempfile.TemporaryDirectory(prefix="flytetune-publish-") as tmp:
+        staging = Path(tmp) / "run"
+        shutil.copytree(model_dir, staging)
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (staging / "data_meta.json").write_text(json.dumps(data_meta, indent=2) + "\n")
+        files = {
+            path.relative_to(staging).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        storage.sync(str(staging), run_uri)
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model_name": model_name,
+        "version": version,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "dataset_sha256": data_meta.get("dataset_sha256"),
+        "data": {k: data_meta.get(k) for k in ("sources", "rows", "labels", "text_column", "label_column")},
+        "config": config,
+        "metrics": {k: metrics.get(k) for k in ("split", "n_examples", "accuracy", "macro_f1")},
+        "files": files,
+    }
+    # Written last: its presence is the commit marker of the whole run folder.
+    storage.write_bytes(join(run_uri, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    return run_uri
+
+
+def verify(run_uri: str) -> dict:
+    """Check every file listed in the manifest against its size and SHA-256; return the manifest."""
+    manifest_uri = join(run_uri, MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"{run_uri}: no {MANIFEST}; the run folder is incomplete")
+    manifest = json.loads(storage.read_bytes(manifest_uri))
+    for name, expected in manifest["files"].items():
+        data = storage.read_bytes(join(run_uri, name))
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise ValueError(f"{join(run_uri, name)}: content does not match {MANIFEST}")
+    return manifest

@@ -1,0 +1,53 @@
+"""Batching: the order examples are seen in, and dynamic padding.
+
+The order of epoch e is a permutation drawn from (seed, e) alone, so a run that resumes at
+batch b of epoch e sees exactly the batches the uninterrupted run would have seen.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of indices for one epoch, optionally starting at batch `start_batch`.
+
+    With `world_size` > 1 each rank takes every world_size-th batch of the global order, so
+    ranks see disjoint data and the global batch sequence does not depend on the rank count.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.n, self.seed, self.epoch)
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            if b % self.world_size == self.rank:
+                yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return len(range(self.start_batch + self.rank, self.batches_per_epoch(), self.world_size))
+
+
+def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example of the batch (not to max_length): short texts stay cheap."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = torch.as_tensor(np.asarray(example["input_ids"], dtype=np.int64))
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+    labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

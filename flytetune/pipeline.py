@@ -1,0 +1,69 @@
+"""The whole flow without Flyte: URI in, copy, prepare, train, evaluate, publish, URI out.
+
+The Flyte workflow runs the same library functions as separate tasks; this module chains them
+in one process for `python -m flytetune.train`, notebooks and the dev image.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from flytetune import artifacts
+from flytetune.config import DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
+from flytetune.data import DataError, copy_dataset
+from flytetune.evaluate import evaluate
+from flytetune.prepare import prepare
+from flytetune.storage import StorageError
+from flytetune.train import fit
+
+log = logging.getLogger(__name__)
+
+# Relative to the project root: valid in a checkout and in the image's working directory.
+DEFAULT_DATASET_URI = "flytetune/sample/transactions.parquet"
+DEFAULT_OUTPUT_URI = "artifacts"
+# Errors a user can fix by changing an input; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, StorageError, FileNotFoundError, FileExistsError)
+
+
+def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri: str = DEFAULT_OUTPUT_URI,
+        test_uri: str | None = None, work_dir: Path | None = None) -> tuple[str, dict]:
+    """Run every step; return the published run folder URI and the test metrics."""
+    with tempfile.TemporaryDirectory(prefix="flytetune-") as tmp:
+        work = Path(work_dir or tmp)
+        raw = work / "raw"
+        dataset = copy_dataset(dataset_uri, raw)
+        test = copy_dataset(test_uri, raw, name="test") if test_uri else None
+        meta = prepare(dataset, work / "prepared", cfg, test_path=test)
+        fit(work / "prepared", work / "model", cfg)
+        metrics = evaluate(work / "model", work / "prepared", batch_size=cfg.train.eval_batch_size)
+        run_uri = artifacts.publish(work / "model", output_uri, cfg.model.name, metrics=metrics,
+                                    config=cfg.to_dict(), data_meta=meta)
+    return run_uri, metrics
+
+
+def summary(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("split", "n_examples", "accuracy", "macro_f1")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flytetune.train", description=__doc__)
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config (default: %(default)s)")
+    parser.add_argument("--dataset_uri", default=DEFAULT_DATASET_URI, help="CSV, parquet or JSON lines file")
+    parser.add_argument("--test_uri", default=None, help="optional held-out test file")
+    parser.add_argument("--output_uri", default=DEFAULT_OUTPUT_URI, help="where run folders are published")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=1 (repeatable)")
+    parser.add_argument("--work_dir", type=Path, default=None, help="keep intermediate files here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_uri, metrics = run(cfg, args.dataset_uri, args.output_uri, args.test_uri, args.work_dir)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"test_metrics": summary(metrics), "artifacts": run_uri}, indent=2))
+    return 0

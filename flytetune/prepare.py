@@ -1,0 +1,125 @@
+"""Prepare a dataset once: validate, split, tokenise, and write lmdb stores plus meta.json.
+
+The output folder is self-describing: `train/`, `validation/`, `test/` (lmdb stores),
+`tokenizer/`, and `meta.json`, which is written last and marks the folder complete.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import polars as pl
+
+from flytetune.backbone import resolve_backbone
+from flytetune.config import FinetuneConfig
+from flytetune.data import (
+    LABEL,
+    TEXT,
+    DataError,
+    file_sha256,
+    read_table,
+    stratified_split,
+    subsample,
+    validate,
+)
+from flytetune.store import write_store
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+META = "meta.json"
+
+
+def prepare(dataset_path: Path, out_dir: Path, cfg: FinetuneConfig, test_path: Path | None = None) -> dict:
+    """Validate and split `dataset_path` (and `test_path`, if given), tokenise once, write `out_dir`.
+
+    Returns the metadata that is also written to `out_dir/meta.json`.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / META).exists():
+        raise FileExistsError(f"{out_dir}: already prepared ({META} exists)")
+    data_cfg = cfg.data
+    dataset_path = Path(dataset_path)
+    frame = validate(read_table(dataset_path), str(dataset_path), data_cfg)
+    if data_cfg.max_rows is not None:
+        frame = subsample(frame, data_cfg.max_rows, data_cfg.split_seed)
+    labels = sorted(frame.get_column(LABEL).unique().to_list())
+
+    if test_path is not None:
+        test_path = Path(test_path)
+        # A held-out test file may legitimately hold few examples of a class.
+        test = validate(read_table(test_path), str(test_path), data_cfg, min_per_class=1)
+        unknown = sorted(set(test.get_column(LABEL).unique().to_list()) - set(labels))
+        if unknown:
+            raise DataError(
+                f"{test_path}: column {data_cfg.label_column!r} has label(s) not in the training data "
+                f"{dataset_path}: {', '.join(map(repr, unknown[:5]))}"
+            )
+        train, validation = stratified_split(frame, [data_cfg.validation_fraction], data_cfg.split_seed)
+        _warn_overlap(train, test, str(test_path))
+    else:
+        train, validation, test = stratified_split(
+            frame, [data_cfg.validation_fraction, data_cfg.test_fraction], data_cfg.split_seed
+        )
+
+    from transformers import AutoTokenizer
+
+    backbone = resolve_backbone(cfg.model.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+
+    label2id = {label: i for i, label in enumerate(labels)}
+    splits = dict(zip(SPLITS, (train, validation, test), strict=True))
+    rows, truncated = {}, {}
+    for name, split in splits.items():
+        texts = split.get_column(TEXT).to_list()
+        encoded = tokenizer(texts, truncation=True, max_length=data_cfg.max_length)["input_ids"]
+        truncated[name] = sum(len(ids) >= data_cfg.max_length for ids in encoded)
+        ids = [label2id[label] for label in split.get_column(LABEL).to_list()]
+        rows[name] = write_store(out_dir / name, zip(encoded, ids, strict=True))
+
+    sources = [dataset_path] + ([test_path] if test_path is not None else [])
+    meta = {
+        "rows": rows,
+        "labels": labels,
+        "label2id": label2id,
+        "class_counts": {name: _class_counts(split) for name, split in splits.items()},
+        "text_column": data_cfg.text_column,
+        "label_column": data_cfg.label_column,
+        "tokenizer": cfg.model.backbone,
+        "max_length": data_cfg.max_length,
+        "truncated": truncated,
+        "split_seed": data_cfg.split_seed,
+        "sources": [p.name for p in sources],
+        "dataset_sha256": file_sha256(*sources),
+        "test_source": "test_uri" if test_path is not None else "split",
+    }
+    _write_json_atomic(out_dir / META, meta)
+    log.info("prepared %s: %s rows, %d classes", out_dir, rows, len(labels))
+    return meta
+
+
+def load_meta(prepared_dir: Path) -> dict:
+    path = Path(prepared_dir) / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{prepared_dir}: not a prepared dataset (no {META}); run prepare first")
+    return json.loads(path.read_text())
+
+
+def _class_counts(split: pl.DataFrame) -> dict[str, int]:
+    return dict(sorted(split.group_by(LABEL).len().iter_rows()))
+
+
+def _warn_overlap(train: pl.DataFrame, test: pl.DataFrame, source: str) -> None:
+    overlap = test.join(train.select(TEXT), on=TEXT, how="semi").height
+    if overlap:
+        log.warning("%s: %d test text(s) also appear in the training data; test metrics are optimistic",
+                    source, overlap)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,52 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# The backbone is an installed package; a test that reaches for a model hub must fail, not download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "flytetune" / "sample" / "transactions.parquet"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from flytetune.config import load_config
+
+    return load_config(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory, tiny_cfg) -> Path:
+    """The bundled sample prepared with the tiny config, shared read-only by tests."""
+    from flytetune.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "tiny"
+    prepare(SAMPLE, out, tiny_cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, prepared_tiny, tiny_cfg) -> Path:
+    from flytetune.train import fit
+
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    fit(prepared_tiny, out, tiny_cfg)
+    return out
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    """Run with the repository as working directory, as `make` and `pyflyte run` do."""
+    monkeypatch.chdir(REPO)
+    return REPO
+
+
+def copy_sample(dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SAMPLE, dest)
+    return dest

@@ -1,0 +1,85 @@
+import functools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from flytetune.batches import EpochBatchSampler, collate
+from flytetune.store import FeatureStore, write_store
+
+EXAMPLES = [([101, 7 + i, 102], i % 4) for i in range(50)]
+
+
+@pytest.fixture
+def store(tmp_path):
+    write_store(tmp_path / "s", EXAMPLES)
+    return FeatureStore(tmp_path / "s")
+
+
+def test_dict_like_api(store):
+    assert len(store) == 50
+    assert list(store) == list(range(50))
+    assert 3 in store and 50 not in store
+    item = store[7]
+    assert item["label"] == 3 and item["input_ids"].tolist() == [101, 14, 102]
+    with pytest.raises(KeyError):
+        store[50]
+    assert store.labels().tolist() == [i % 4 for i in range(50)]
+
+
+def test_write_is_atomic_and_never_overwrites(tmp_path):
+    write_store(tmp_path / "s", EXAMPLES)
+    with pytest.raises(FileExistsError):
+        write_store(tmp_path / "s", EXAMPLES)
+
+    def failing():
+        yield [1, 2], 0
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_store(tmp_path / "t", failing())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"], "no partial store is left behind"
+
+
+def test_opens_lazily_and_pickles_without_handle(store):
+    assert not store.is_open_here()
+    store[0]
+    assert store.is_open_here()
+    clone = pickle.loads(pickle.dumps(store))
+    assert set(vars(clone)) == {"path", "_len"} and clone[7]["label"] == 3
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_each_open_the_store(store, context):
+    store[0]  # the parent holds an open environment before workers start: the fork hazard
+    sampler = EpochBatchSampler(len(store), 8, seed=1, epoch=0)
+    loader = torch.utils.data.DataLoader(
+        store, batch_sampler=sampler, num_workers=2, multiprocessing_context=context,
+        collate_fn=functools.partial(collate, pad_id=0),
+    )
+    seen = []
+    for batch in loader:
+        seen.extend(batch["labels"].tolist())
+    assert sorted(seen) == sorted(i % 4 for i in range(50))
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an lmdb feature store"):
+        FeatureStore(tmp_path)
+
+
+def test_epoch_order_resumes_and_shards():
+    full = list(EpochBatchSampler(50, 8, seed=5, epoch=2))
+    assert list(EpochBatchSampler(50, 8, seed=5, epoch=2, start_batch=3)) == full[3:]
+    ranks = [list(EpochBatchSampler(50, 8, seed=5, epoch=2, rank=r, world_size=2)) for r in range(2)]
+    assert ranks[0] == full[0::2] and ranks[1] == full[1::2]
+    assert sorted(i for b in full for i in b) == list(range(50))
+    assert full != list(EpochBatchSampler(50, 8, seed=5, epoch=3))
+
+
+def test_collate_pads_dynamically():
+    batch = collate([{"input_ids": np.array([1, 2, 3]), "label": 1}, {"input_ids": np.array([4]), "label": 0}], 0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0]

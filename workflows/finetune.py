@@ -1,0 +1,34 @@
+"""The fine-tuning workflow: dataset URI in, copy, prepare, train, evaluate, publish, artifacts URI out.
+
+    pyflyte run workflows/finetune.py finetune \
+        [--dataset_uri URI] [--test_uri URI] [--output_uri URI] [--config PATH] [--overrides "k=v ..."]
+"""
+
+from typing import Optional
+
+from flytekit import workflow
+
+from flytetune.config import DEFAULT_CONFIG_PATH
+from flytetune.pipeline import DEFAULT_DATASET_URI, DEFAULT_OUTPUT_URI
+from tasks.finetune import Published, copy_dataset, evaluate, prepare, publish, resolve_config, train
+
+
+@workflow
+def finetune(
+    dataset_uri: str = DEFAULT_DATASET_URI,
+    test_uri: Optional[str] = None,
+    output_uri: str = DEFAULT_OUTPUT_URI,
+    config: str = DEFAULT_CONFIG_PATH,
+    overrides: str = "",
+) -> Published:
+    """Fine-tune the configured backbone on `dataset_uri` and publish to `output_uri`.
+
+    `overrides` changes any config value: "train.epochs=1 train.learning_rate=5e-5" (or bare
+    field names when unambiguous: "epochs=1").
+    """
+    cfg = resolve_config(path=config, overrides=overrides)
+    raw = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri)
+    prepared = prepare(raw=raw, cfg=cfg)
+    model = train(prepared=prepared, cfg=cfg)
+    metrics = evaluate(model=model, prepared=prepared, cfg=cfg)
+    return publish(model=model, prepared=prepared, metrics=metrics, cfg=cfg, output_uri=output_uri)
