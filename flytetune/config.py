@@ -101,10 +101,32 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Durable prefix (s3://, gs://, a local folder). A run writes under <uri>/<run id>/, shared by
+    # all attempts of that run; None disables checkpoints.
+    uri: Optional[str] = None
+    # Save every N optimizer steps and/or every M minutes, whichever comes first; None disables one.
+    every_steps: Optional[int] = 500
+    every_minutes: Optional[float] = 15.0
+    # Newest complete checkpoints kept per run.
+    keep: int = 2
+    # On SIGTERM, save only if the last measured save fits in this budget (GKE gives pods ~15 s).
+    sigterm_budget_s: float = 10.0
+
+    def __post_init__(self):
+        _check(self.uri is None or bool(self.uri.strip()), "checkpoint.uri", "must not be empty; use null")
+        _check(self.every_steps is None or self.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+        _check(self.every_minutes is None or self.every_minutes > 0, "checkpoint.every_minutes", "must be > 0")
+        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check(self.sigterm_budget_s >= 0, "checkpoint.sigterm_budget_s", "must be >= 0")
+
+
+@dataclass
 class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

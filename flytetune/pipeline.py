@@ -11,10 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flytetune import artifacts
+from flytetune import artifacts, checkpoint
 from flytetune.config import DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
 from flytetune.data import DataError, copy_dataset
 from flytetune.evaluate import evaluate
+from flytetune.preemption import EXIT_PREEMPTED, Preempted
 from flytetune.prepare import prepare
 from flytetune.storage import StorageError
 from flytetune.train import fit
@@ -25,19 +26,37 @@ log = logging.getLogger(__name__)
 DEFAULT_DATASET_URI = "flytetune/sample/transactions.parquet"
 DEFAULT_OUTPUT_URI = "artifacts"
 # Errors a user can fix by changing an input; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, StorageError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, StorageError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError)
+
+
+def run_checkpoint_dir(cfg: FinetuneConfig, run_id: str) -> str | None:
+    """The run-scoped checkpoint prefix shared by every attempt of one run."""
+    return artifacts.join(cfg.checkpoint.uri, run_id) if cfg.checkpoint.uri else None
+
+
+def resolve_resume(cfg: FinetuneConfig, from_checkpoint: str | None) -> str | None:
+    """Check `--from_checkpoint` before any work: it must name a complete checkpoint."""
+    return checkpoint.resolve(from_checkpoint, cfg.checkpoint.uri) if from_checkpoint else None
 
 
 def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri: str = DEFAULT_OUTPUT_URI,
-        test_uri: str | None = None, work_dir: Path | None = None) -> tuple[str, dict]:
-    """Run every step; return the published run folder URI and the test metrics."""
+        test_uri: str | None = None, work_dir: Path | None = None, run_id: str | None = None,
+        from_checkpoint: str | None = None) -> tuple[str, dict]:
+    """Run every step; return the published run folder URI and the test metrics.
+
+    Runs that share `run_id` share a checkpoint prefix: running again after a crash or a
+    preemption continues from the newest complete checkpoint.
+    """
+    resume_from = resolve_resume(cfg, from_checkpoint)
+    run_id = run_id or artifacts.new_version()
     with tempfile.TemporaryDirectory(prefix="flytetune-") as tmp:
         work = Path(work_dir or tmp)
         raw = work / "raw"
         dataset = copy_dataset(dataset_uri, raw)
         test = copy_dataset(test_uri, raw, name="test") if test_uri else None
         meta = prepare(dataset, work / "prepared", cfg, test_path=test)
-        fit(work / "prepared", work / "model", cfg)
+        fit(work / "prepared", work / "model", cfg, checkpoint_dir=run_checkpoint_dir(cfg, run_id),
+            resume_from=resume_from)
         metrics = evaluate(work / "model", work / "prepared", batch_size=cfg.train.eval_batch_size)
         run_uri = artifacts.publish(work / "model", output_uri, cfg.model.name, metrics=metrics,
                                     config=cfg.to_dict(), data_meta=meta)
@@ -57,13 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     parser.add_argument("--work_dir", type=Path, default=None, help="keep intermediate files here")
+    parser.add_argument("--run_id", default=None,
+                        help="checkpoints go to <checkpoint.uri>/<run_id>/; rerun with the same id to resume")
+    parser.add_argument("--from_checkpoint", default=None, metavar="latest|URI",
+                        help="start from a checkpoint: `latest` under checkpoint.uri, a step folder or a run prefix")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        run_uri, metrics = run(cfg, args.dataset_uri, args.output_uri, args.test_uri, args.work_dir)
+        run_uri, metrics = run(cfg, args.dataset_uri, args.output_uri, args.test_uri, args.work_dir,
+                               run_id=args.run_id, from_checkpoint=args.from_checkpoint)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(json.dumps({"test_metrics": summary(metrics), "artifacts": run_uri}, indent=2))
     return 0

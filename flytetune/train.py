@@ -21,10 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flytetune import checkpoint
+from flytetune.artifacts import code_version
 from flytetune.backbone import resolve_backbone
 from flytetune.batches import EpochBatchSampler, collate
 from flytetune.config import FinetuneConfig
 from flytetune.evaluate import classification_metrics, predict_logits
+from flytetune.preemption import GracefulStop, Preempted
 from flytetune.prepare import load_meta
 from flytetune.store import FeatureStore
 
@@ -36,6 +39,7 @@ class TrainResult:
     global_step: int
     epochs_completed: int
     history: list[dict] = field(default_factory=list)
+    resumed_from: str | None = None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -68,8 +72,8 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: in
     from transformers import get_linear_schedule_with_warmup
 
     # Biases and LayerNorm weights are not decayed (standard BERT fine-tuning recipe).
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.train.learning_rate,
@@ -79,13 +83,25 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: in
     return optimizer, scheduler
 
 
-def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig) -> TrainResult:
-    """Train on `prepared_dir` and write the model folder to `output_dir`."""
+def compat_fields(cfg: FinetuneConfig, meta: dict) -> dict:
+    """What a checkpoint must agree with to be resumed into this run."""
+    return {"model.backbone": cfg.model.backbone, "labels": meta["labels"], "data.max_length": cfg.data.max_length}
+
+
+def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint_dir: str | None = None,
+        resume_from: str | None = None) -> TrainResult:
+    """Train on `prepared_dir` and write the model folder to `output_dir`.
+
+    `checkpoint_dir` is this run's durable checkpoint prefix, shared by all its attempts: if it
+    holds a complete checkpoint, training continues from the newest one (automatic resume).
+    Otherwise `resume_from` (a step folder URI) is the starting point, if given. On SIGTERM the
+    loop stops after the current step, saves if the save fits the budget, and raises Preempted.
+    """
     from transformers import AutoTokenizer
 
     prepared_dir, output_dir = Path(prepared_dir), Path(output_dir)
     meta = load_meta(prepared_dir)
-    tcfg = cfg.train
+    tcfg, ccfg = cfg.train, cfg.checkpoint
     seed_everything(tcfg.seed, tcfg.deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer", local_files_only=True)
@@ -98,39 +114,104 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig) -> TrainResul
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    progress = checkpoint.TrainingProgress(sampler_seed=tcfg.seed)
+
+    source = (checkpoint.latest(checkpoint_dir) if checkpoint_dir else None) or resume_from
+    if source:
+        restored = checkpoint.load(source)
+        checkpoint.check_compatible(restored, compat_fields(cfg, meta))
+        model.load_state_dict(restored.model)
+        optimizer.load_state_dict(restored.optimizer["optimizer"])
+        scheduler.load_state_dict(restored.optimizer["scheduler"])
+        checkpoint.set_rng_state(restored.rng)
+        progress = restored.progress
+        log.info("resuming from checkpoint %s at step %d (epoch %d, batch %d)",
+                 source, progress.global_step, progress.epoch, progress.batch_in_epoch)
     log.info("training %s on %s: %d examples, %d steps (%d per epoch), device %s",
              cfg.model.backbone, prepared_dir, len(train_store), total_steps, steps_per_epoch, device)
 
-    result = TrainResult(global_step=0, epochs_completed=0)
-    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
-    epochs_needed = math.ceil(total_steps / steps_per_epoch)
-    for epoch in range(epochs_needed):
-        sampler = EpochBatchSampler(len(train_store), tcfg.batch_size, tcfg.seed, epoch)
-        loader = torch.utils.data.DataLoader(
-            train_store, batch_sampler=sampler, collate_fn=collate_fn, num_workers=tcfg.num_workers
-        )
-        model.train()
-        started, running_loss, seen = time.monotonic(), 0.0, 0
-        for batch in loader:
-            loss = train_step(model, optimizer, scheduler, batch, device, tcfg.max_grad_norm)
-            result.global_step += 1
-            running_loss, seen = running_loss + loss, seen + 1
-            if result.global_step % tcfg.log_every_steps == 0:
-                log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch, result.global_step, total_steps,
-                         running_loss / seen, scheduler.get_last_lr()[0])
-            if result.global_step >= total_steps:
-                break
-        val = validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, meta["labels"])
-        record = {"epoch": epoch, "step": result.global_step, "train_loss": running_loss / max(seen, 1),
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                  "epoch_s": round(time.monotonic() - started, 2)}
-        result.history.append(record)
-        result.epochs_completed = epoch + 1
-        log.info("epoch %d done: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f (%.1fs)",
-                 epoch, record["train_loss"], val["loss"], val["accuracy"], val["macro_f1"], record["epoch_s"])
+    writer = checkpoint.CheckpointWriter(checkpoint_dir, keep=ccfg.keep) if checkpoint_dir else None
+    extra = {"compat": compat_fields(cfg, meta), "config": cfg.to_dict(), "code_version": code_version()}
 
+    def snapshot() -> checkpoint.Snapshot:
+        return checkpoint.capture(model, optimizer, scheduler, None, progress, extra)
+
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    last_save = time.monotonic()
+    try:
+        with GracefulStop() as stop:
+            while progress.global_step < total_steps:
+                sampler = EpochBatchSampler(len(train_store), tcfg.batch_size, progress.sampler_seed,
+                                            progress.epoch, start_batch=progress.batch_in_epoch)
+                loader = torch.utils.data.DataLoader(
+                    train_store, batch_sampler=sampler, collate_fn=collate_fn, num_workers=tcfg.num_workers,
+                    # Its own generator: the loader's base seed must not draw from the global RNG,
+                    # or a resumed run's dropout masks would differ from the uninterrupted run's.
+                    generator=torch.Generator().manual_seed(progress.sampler_seed + progress.epoch),
+                )
+                model.train()
+                epoch_started = time.monotonic()
+                for batch in loader:
+                    loss = train_step(model, optimizer, scheduler, batch, device, tcfg.max_grad_norm)
+                    progress.global_step += 1
+                    progress.batch_in_epoch += 1
+                    progress.epoch_loss_sum += loss
+                    progress.epoch_batches += 1
+                    if progress.global_step % tcfg.log_every_steps == 0:
+                        log.info("epoch %d step %d/%d loss %.4f lr %.2e", progress.epoch, progress.global_step,
+                                 total_steps, progress.epoch_loss_sum / progress.epoch_batches,
+                                 scheduler.get_last_lr()[0])
+                    if stop.requested:
+                        raise stop_gracefully(writer, snapshot, progress.global_step, ccfg.sigterm_budget_s)
+                    if progress.global_step >= total_steps:
+                        break
+                    if writer and _save_due(ccfg, progress.global_step, time.monotonic() - last_save):
+                        writer.save(snapshot())
+                        last_save = time.monotonic()
+                val = validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, meta["labels"])
+                record = {"epoch": progress.epoch, "step": progress.global_step,
+                          "train_loss": progress.epoch_loss_sum / max(progress.epoch_batches, 1),
+                          "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                          "epoch_s": round(time.monotonic() - epoch_started, 2)}
+                progress.history.append(record)
+                if progress.best_val_accuracy is None or val["accuracy"] > progress.best_val_accuracy:
+                    progress.best_val_accuracy = val["accuracy"]
+                log.info("epoch %d done: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f",
+                         progress.epoch, record["train_loss"], val["loss"], val["accuracy"], val["macro_f1"])
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+                progress.epoch_loss_sum, progress.epoch_batches = 0.0, 0
+        if writer:
+            writer.wait()
+    finally:
+        if writer:
+            writer.close()
+
+    result = TrainResult(global_step=progress.global_step, epochs_completed=len(progress.history),
+                         history=progress.history, resumed_from=source)
     save_model(model, tokenizer, output_dir, cfg, result)
     return result
+
+
+def _save_due(ccfg, step: int, since_last_s: float) -> bool:
+    by_steps = ccfg.every_steps is not None and step % ccfg.every_steps == 0
+    by_time = ccfg.every_minutes is not None and since_last_s >= ccfg.every_minutes * 60
+    return by_steps or by_time
+
+
+def stop_gracefully(writer, snapshot, step: int, budget_s: float) -> Preempted:
+    """Save a final checkpoint if it fits the SIGTERM budget; return the exception that ends the attempt."""
+    if writer is None:
+        return Preempted(step, None)
+    writer.wait()  # an in-flight periodic save is the fallback; let it land first
+    estimate = writer.last_save_s
+    if writer.last_step == step:
+        return Preempted(step, writer.last_uri)
+    if estimate is not None and estimate > budget_s:
+        log.warning("not saving on SIGTERM: the last save took %.1fs, over the %.1fs budget", estimate, budget_s)
+        return Preempted(step, writer.last_uri)
+    # With no measurement yet, try: the alternative is losing everything since the start.
+    return Preempted(step, writer.save_now(snapshot()))
 
 
 def train_step(model, optimizer, scheduler, batch: dict, device: torch.device, max_grad_norm: float) -> float:

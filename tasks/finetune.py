@@ -1,10 +1,12 @@
 """Flyte tasks: thin wrappers that turn Flyte types into paths and call one library function each."""
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from flytekit import Resources, current_context, task
+from flytekit import Deck, Resources, current_context, task
+from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
 from flytetune import artifacts, data
@@ -12,7 +14,9 @@ from flytetune import evaluate as evaluation
 from flytetune import prepare as preparation
 from flytetune import train as training
 from flytetune.config import FinetuneConfig, load_config, parse_overrides
-from flytetune.pipeline import summary
+from flytetune.pipeline import resolve_resume, run_checkpoint_dir, summary
+from flytetune.preemption import Preempted
+from tasks import decks
 
 # flytekit configures only its own logger; without this the library's progress lines vanish.
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -28,6 +32,12 @@ def _workdir(name: str) -> Path:
 def resolve_config(path: str, overrides: str) -> FinetuneConfig:
     """Load and validate the config first: a typo fails here, before any data moves or GPU starts."""
     return load_config(path, parse_overrides(overrides))
+
+
+@task
+def resolve_checkpoint(cfg: FinetuneConfig, from_checkpoint: Optional[str]) -> Optional[str]:
+    """Turn `--from_checkpoint` into a complete step folder URI, or fail before training starts."""
+    return resolve_resume(cfg, from_checkpoint)
 
 
 @task
@@ -49,17 +59,34 @@ def prepare(raw: FlyteDirectory, cfg: FinetuneConfig) -> FlyteDirectory:
     return FlyteDirectory(str(out))
 
 
-@task(requests=Resources(cpu="2", mem="8Gi"))
-def train(prepared: FlyteDirectory, cfg: FinetuneConfig) -> FlyteDirectory:
+@task(
+    requests=Resources(cpu="2", mem="8Gi"),
+    enable_deck=True,
+    # Preemptible nodes; a preempted attempt continues from the run's newest checkpoint.
+    interruptible=True,
+    retries=3,
+    timeout=timedelta(hours=12),
+)
+def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str]) -> FlyteDirectory:
     out = _workdir("model")
-    training.fit(Path(prepared.download()), out, cfg)
+    # The execution id, not the attempt: every retry of this run sees every earlier attempt's checkpoints.
+    checkpoint_dir = run_checkpoint_dir(cfg, current_context().execution_id.name)
+    try:
+        result = training.fit(Path(prepared.download()), out, cfg, checkpoint_dir=checkpoint_dir,
+                              resume_from=resume_from)
+    except Preempted as e:
+        # Recoverable: Flyte retries it within the task's `retries` (see README, "Preemption").
+        raise FlyteRecoverableException(str(e)) from e
+    Deck("Training", decks.training_history(result.history))
     return FlyteDirectory(str(out))
 
 
-@task
+@task(enable_deck=True)
 def evaluate(model: FlyteDirectory, prepared: FlyteDirectory, cfg: FinetuneConfig) -> dict:
-    return evaluation.evaluate(Path(model.download()), Path(prepared.download()),
-                               batch_size=cfg.train.eval_batch_size)
+    metrics = evaluation.evaluate(Path(model.download()), Path(prepared.download()),
+                                  batch_size=cfg.train.eval_batch_size)
+    Deck("Test metrics", decks.test_metrics(metrics))
+    return metrics
 
 
 class Published(NamedTuple):

@@ -2,6 +2,7 @@
 
     pyflyte run workflows/finetune.py finetune \
         [--dataset_uri URI] [--test_uri URI] [--output_uri URI] [--config PATH] [--overrides "k=v ..."]
+        [--from_checkpoint latest|URI]
 """
 
 from typing import Optional
@@ -10,7 +11,16 @@ from flytekit import workflow
 
 from flytetune.config import DEFAULT_CONFIG_PATH
 from flytetune.pipeline import DEFAULT_DATASET_URI, DEFAULT_OUTPUT_URI
-from tasks.finetune import Published, copy_dataset, evaluate, prepare, publish, resolve_config, train
+from tasks.finetune import (
+    Published,
+    copy_dataset,
+    evaluate,
+    prepare,
+    publish,
+    resolve_checkpoint,
+    resolve_config,
+    train,
+)
 
 
 @workflow
@@ -20,15 +30,18 @@ def finetune(
     output_uri: str = DEFAULT_OUTPUT_URI,
     config: str = DEFAULT_CONFIG_PATH,
     overrides: str = "",
+    from_checkpoint: Optional[str] = None,
 ) -> Published:
     """Fine-tune the configured backbone on `dataset_uri` and publish to `output_uri`.
 
     `overrides` changes any config value: "train.epochs=1 train.learning_rate=5e-5" (or bare
-    field names when unambiguous: "epochs=1").
+    field names when unambiguous: "epochs=1"). `from_checkpoint` starts training from a
+    checkpoint: `latest` under checkpoint.uri, a step folder, or a run prefix.
     """
     cfg = resolve_config(path=config, overrides=overrides)
+    resume_from = resolve_checkpoint(cfg=cfg, from_checkpoint=from_checkpoint)
     raw = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri)
     prepared = prepare(raw=raw, cfg=cfg)
-    model = train(prepared=prepared, cfg=cfg)
+    model = train(prepared=prepared, cfg=cfg, resume_from=resume_from)
     metrics = evaluate(model=model, prepared=prepared, cfg=cfg)
     return publish(model=model, prepared=prepared, metrics=metrics, cfg=cfg, output_uri=output_uri)

@@ -1,0 +1,294 @@
+"""Full-state training checkpoints: atomic, self-describing, durable, and safe to load.
+
+A checkpoint is a folder `step-000600/` holding
+
+    model.safetensors     model weights
+    optimizer.pt          optimizer, LR scheduler and grad-scaler state (tensors and numbers only)
+    rng.pt                python, numpy, torch CPU and CUDA RNG states
+    trainer_state.json    step, data position (epoch, next batch, sampler seed), history, config
+    manifest.json         SHA-256 and size of every file above; written last
+
+Only folders with a manifest whose checksums match are ever resumed from. Files are written to a
+local staging folder and uploaded in a background thread through `flytetune.storage`, the
+manifest last, so the training loop only waits for the copy of the state to host memory.
+Loading uses safetensors and `torch.load(weights_only=True)`: a checkpoint cannot run code.
+"""
+
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from flytetune import storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+FORMAT = 1
+_STEP_DIR = re.compile(r"(?:^|/)step-(\d{6,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or does not fit the run."""
+
+
+@dataclass
+class TrainingProgress:
+    """Where training stands: enough to continue exactly where it stopped."""
+
+    global_step: int = 0
+    epoch: int = 0
+    # Next batch to run within `epoch`; batches before it were already trained on.
+    batch_in_epoch: int = 0
+    sampler_seed: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_batches: int = 0
+    best_val_accuracy: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    """Training state copied to host memory: the only part of a save the training loop waits for."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+    state: dict[str, Any]
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(model: torch.nn.Module, optimizer, scheduler, scaler, progress: TrainingProgress,
+            extra: dict[str, Any]) -> Snapshot:
+    """Copy the whole training state to host memory (blocking; everything after runs in background)."""
+    model_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    return Snapshot(
+        step=progress.global_step,
+        model=model_state,
+        optimizer={"optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict() if scaler is not None else None},
+        rng=rng_state(),
+        state={"format": FORMAT, "progress": dataclasses.asdict(progress), **extra},
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_files(snapshot: Snapshot, folder: Path) -> dict:
+    """Write the checkpoint files (not the manifest) into `folder`; return the manifest to write."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(snapshot.model, folder / "model.safetensors")
+    torch.save(snapshot.optimizer, folder / "optimizer.pt")
+    torch.save(snapshot.rng, folder / "rng.pt")
+    (folder / STATE).write_text(json.dumps(snapshot.state, indent=2) + "\n")
+    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
+    return {"format": FORMAT, "step": snapshot.step, "files": files,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
+
+
+class CheckpointWriter:
+    """Saves snapshots to `uri` (a run-scoped prefix) in one background thread, keeping the newest `keep`."""
+
+    def __init__(self, uri: str, keep: int = 2):
+        self.uri = uri.rstrip("/")
+        self.keep = keep
+        self._staging = Path(tempfile.mkdtemp(prefix="flytetune-ckpt-"))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: concurrent.futures.Future | None = None
+        # Seconds the last complete save took end to end; the SIGTERM handler budgets with it.
+        self.last_save_s: float | None = None
+        self.last_uri: str | None = None
+        self.last_step: int | None = None
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Queue a save; waits for the previous one first, so at most one upload is in flight."""
+        self.wait()
+        self._pending = self._pool.submit(self._write, snapshot, time.monotonic())
+
+    def save_now(self, snapshot: Snapshot) -> str:
+        self.save(snapshot)
+        self.wait()
+        return self.last_uri
+
+    def wait(self) -> None:
+        """Block until the queued save is durable; re-raise its error, if any."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    def _write(self, snapshot: Snapshot, queued_at: float) -> None:
+        name = step_name(snapshot.step)
+        local = self._staging / name
+        shutil.rmtree(local, ignore_errors=True)
+        manifest = write_files(snapshot, local)
+        remote = f"{self.uri}/{name}"
+        storage.sync(str(local), remote)
+        # The manifest goes up last: until it exists the folder is invisible to resume.
+        storage.write_bytes(f"{remote}/{MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode())
+        shutil.rmtree(local, ignore_errors=True)
+        self.last_uri, self.last_step = remote, snapshot.step
+        self.last_save_s = time.monotonic() - queued_at
+        log.info("checkpoint %s saved in %.1fs", remote, self.last_save_s)
+        self._prune()
+
+    def _prune(self) -> None:
+        complete = sorted(complete_checkpoints(self.uri))
+        for step in complete[:-self.keep]:
+            storage.remove(f"{self.uri}/{step_name(step)}")
+
+
+def complete_checkpoints(uri: str) -> dict[int, str]:
+    """Step number -> folder URI of every checkpoint under `uri` (one level) that has a manifest."""
+    uri = uri.rstrip("/")
+    found = {}
+    for obj in storage.ls(uri):
+        folder, _, name = obj.rpartition("/")
+        match = _STEP_DIR.search(folder)
+        if name == MANIFEST and match and folder.rpartition("/")[0] == uri:
+            found[int(match.group(1))] = folder
+    return found
+
+
+def latest(uri: str) -> str | None:
+    """The newest complete checkpoint folder under a run prefix, or None."""
+    found = complete_checkpoints(uri)
+    return found[max(found)] if found else None
+
+
+def resolve(spec: str, base_uri: str | None) -> str:
+    """Turn `--from_checkpoint` (`latest`, a step folder or a run prefix) into a step folder URI.
+
+    `latest` means the most recently written complete checkpoint under `base_uri`, across runs.
+    Raises CheckpointError when nothing complete is there.
+    """
+    if spec == "latest":
+        if not base_uri:
+            raise CheckpointError("--from_checkpoint latest: no checkpoint.uri is configured to search")
+        newest: tuple[str, str] | None = None
+        for obj in storage.ls(base_uri):
+            folder, _, name = obj.rpartition("/")
+            if name == MANIFEST and _STEP_DIR.search(folder):
+                created = json.loads(storage.read_bytes(obj))["created_at"]
+                if newest is None or created > newest[0]:
+                    newest = (created, folder)
+        if newest is None:
+            raise CheckpointError(f"--from_checkpoint latest: no complete checkpoint under {base_uri}")
+        return newest[1]
+    spec = spec.rstrip("/")
+    if _STEP_DIR.search(spec):
+        if not storage.exists(f"{spec}/{MANIFEST}"):
+            raise CheckpointError(f"--from_checkpoint {spec}: not a complete checkpoint (no {MANIFEST})")
+        return spec
+    found = latest(spec)
+    if found is None:
+        raise CheckpointError(f"--from_checkpoint {spec}: no complete checkpoint (step-*/{MANIFEST}) there")
+    return found
+
+
+@dataclass
+class Restored:
+    uri: str
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def progress(self) -> TrainingProgress:
+        return TrainingProgress(**self.state["progress"])
+
+
+def load(uri: str) -> Restored:
+    """Download a step folder, verify it against its manifest and load it without running code."""
+    uri = uri.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="flytetune-restore-") as tmp:
+        local = Path(tmp)
+        try:
+            manifest = json.loads(storage.read_bytes(f"{uri}/{MANIFEST}"))
+        except storage.StorageError as e:
+            raise CheckpointError(f"{uri}: not a complete checkpoint ({e})") from None
+        for name, expected in manifest["files"].items():
+            storage.copy(f"{uri}/{name}", str(local / name))
+            if _sha256(local / name) != expected["sha256"]:
+                raise CheckpointError(f"{uri}/{name}: checksum does not match {MANIFEST}; checkpoint is corrupt")
+        return Restored(
+            uri=uri,
+            model=load_file(local / "model.safetensors"),
+            optimizer=torch.load(local / "optimizer.pt", weights_only=True, map_location="cpu"),
+            rng=torch.load(local / "rng.pt", weights_only=True),
+            state=json.loads((local / STATE).read_text()),
+        )
+
+
+def check_compatible(restored: Restored, expected: dict[str, Any]) -> None:
+    """Fail, naming the fields, when the checkpoint was made for another model shape or label map."""
+    saved = restored.state.get("compat", {})
+    diffs = [f"{key}: checkpoint has {saved.get(key)!r}, this run has {value!r}"
+             for key, value in expected.items() if saved.get(key) != value]
+    if diffs:
+        raise CheckpointError(f"{restored.uri} does not fit this run: " + "; ".join(diffs))

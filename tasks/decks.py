@@ -1,0 +1,34 @@
+"""HTML for the Flyte UI's Decks: what a person checks while a run is going or after it ended."""
+
+import html
+
+
+def table(header: list[str], rows: list[list], caption: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f'<table border="1" cellpadding="4" style="border-collapse:collapse">{cap}<tr>{head}</tr>{body}</table>'
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def training_history(history: list[dict]) -> str:
+    if not history:
+        return "<p>No epoch completed.</p>"
+    keys = list(history[0])
+    return table(keys, [[record.get(k) for k in keys] for record in history], "Per-epoch training and validation")
+
+
+def test_metrics(metrics: dict) -> str:
+    summary = table(["split", "examples", "accuracy", "macro-F1"],
+                    [[metrics["split"], metrics["n_examples"], metrics["accuracy"], metrics["macro_f1"]]])
+    per_class = table(["label", "precision", "recall", "f1", "support"],
+                      [[label, m["precision"], m["recall"], m["f1"], m["support"]]
+                       for label, m in metrics["per_class"].items()], "Per class")
+    labels = metrics["labels"]
+    confusion = table(["true \\ predicted", *labels],
+                      [[label, *row] for label, row in zip(labels, metrics["confusion_matrix"], strict=True)],
+                      "Confusion matrix (rows: true label)")
+    return summary + "<br>" + per_class + "<br>" + confusion

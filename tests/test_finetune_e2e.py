@@ -1,0 +1,128 @@
+"""End to end on the real backbone and a slice of the bundled sample (configs/tiny.yaml)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flytetune import artifacts
+from tests.conftest import REPO, SAMPLE, TINY_CONFIG
+
+pytestmark = pytest.mark.e2e
+
+
+def test_workflow_runs_locally_and_publishes(tmp_path, in_repo):
+    from workflows.finetune import finetune
+
+    out = finetune(dataset_uri=str(SAMPLE), output_uri=str(tmp_path / "bucket"), config=str(TINY_CONFIG),
+                   overrides="train.max_steps=15")
+    run_uri, summary = out.artifacts_uri, out.test_metrics
+    manifest = artifacts.verify(run_uri)  # every file is present and matches its checksum
+    files = set(manifest["files"])
+    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "label_map.json",
+            "finetune_config.yaml", "train_history.json", "data_meta.json"} <= files
+    assert manifest["dataset_sha256"] and manifest["code_version"]
+    assert manifest["config"]["train"]["max_steps"] == 15
+    n_classes = len(manifest["data"]["labels"])
+    assert summary["accuracy"] > 2.0 / n_classes, "well above chance after a few steps"
+    assert manifest["metrics"]["accuracy"] == summary["accuracy"]
+    history = json.loads(Path(run_uri, "train_history.json").read_text())
+    assert history["global_step"] == 15
+
+
+def test_published_model_loads_back_with_same_predictions(tmp_path, prepared_tiny, trained_tiny, tiny_cfg):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flytetune.evaluate import evaluate, predict_logits
+    from flytetune.prepare import load_meta
+    from flytetune.store import FeatureStore
+
+    metrics = evaluate(trained_tiny, prepared_tiny)
+    run_uri = artifacts.publish(trained_tiny, str(tmp_path), "m", metrics=metrics, config=tiny_cfg.to_dict(),
+                                data_meta=load_meta(prepared_tiny))
+    model = AutoModelForSequenceClassification.from_pretrained(run_uri)
+    tokenizer = AutoTokenizer.from_pretrained(run_uri)
+    store = FeatureStore(prepared_tiny / "test")
+    predictions = predict_logits(model, store, 64, tokenizer.pad_token_id).argmax(axis=1)
+    assert float((predictions == store.labels()).mean()) == pytest.approx(metrics["accuracy"])
+    # Raw text through the published tokenizer gives the same label as the stored tokens.
+    text = "TESCO STORES 3411 LONDON"
+    encoded = tokenizer([text], return_tensors="pt")
+    label = model.config.id2label[int(model(**encoded).logits.argmax())]
+    assert label in load_meta(prepared_tiny)["labels"]
+    assert np.array_equal(np.array(json.loads(Path(run_uri, "label_map.json").read_text())["labels"]),
+                          np.array(load_meta(prepared_tiny)["labels"]))
+
+
+def test_separate_test_file_is_used_for_metrics(tmp_path, tiny_cfg):
+    import polars as pl
+
+    from flytetune.pipeline import run
+
+    df = pl.read_parquet(SAMPLE)
+    train_path, test_path = tmp_path / "train.csv", tmp_path / "test.jsonl"
+    df.slice(0, 3000).write_csv(train_path)
+    df.slice(3000, 120).write_ndjson(test_path)
+    cfg = tiny_cfg
+    run_uri, metrics = run(cfg, str(train_path), str(tmp_path / "bucket"), test_uri=str(test_path))
+    meta = json.loads(Path(run_uri, "data_meta.json").read_text())
+    assert meta["test_source"] == "test_uri" and meta["rows"]["test"] == 120 == metrics["n_examples"]
+    assert "test" not in [k for k, v in meta["rows"].items() if v == 0]
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "flytetune.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+BAD_INPUTS = {
+    "missing column": ("bad.csv", b"description,label\nfoo,a\n", "label column 'label' not found"),
+    "empty file": ("bad.csv", b"", "bad.csv: file is empty"),
+    "non-UTF-8 bytes": ("bad.csv", "text,label\ncaf\u00e9,a\n".encode("latin-1"), "not valid UTF-8 at byte"),
+    "single example": ("bad.csv", b"text,label\n" + b"".join(b"t%d,a\n" % i for i in range(9)) + b"solo,b\n",
+                       "class 'b' has 1 example(s)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_dataset_fails_with_one_clear_line(tmp_path, case):
+    name, content, message = BAD_INPUTS[case]
+    (tmp_path / name).write_bytes(content)
+    result = cli("--config", str(TINY_CONFIG), "--dataset_uri", str(tmp_path / name),
+                 "--output_uri", str(tmp_path / "bucket"))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "bucket").exists(), "nothing is published"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.epoch=2"], "train.epoch: unknown key (did you mean train.epochs?)"),
+        (["--set", "train.epochs=two"], "train.epochs: expected int, got 'two'"),
+        (["--dataset_uri", "no/such/file.csv"], "no/such/file.csv"),
+    ],
+    ids=["unknown key", "wrong type", "missing path"],
+)
+def test_bad_config_or_path_fails_before_training(tmp_path, args, message):
+    result = cli("--config", str(TINY_CONFIG), "--output_uri", str(tmp_path / "bucket"), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "training" not in result.stderr, "fails before any training starts"
+    assert not (tmp_path / "bucket").exists()
+
+
+def test_pyflyte_run_reports_bad_config_key_and_publishes_nothing(tmp_path):
+    pyflyte = Path(sys.executable).parent / "pyflyte"
+    result = subprocess.run(
+        [str(pyflyte), "run", "workflows/finetune.py", "finetune", "--config", str(TINY_CONFIG),
+         "--overrides", "train.epoch=2", "--output_uri", str(tmp_path / "bucket")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "train.epoch: unknown key (did you mean train.epochs?)" in result.stdout + result.stderr
+    assert not (tmp_path / "bucket").exists()
