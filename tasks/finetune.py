@@ -22,6 +22,13 @@ from tasks import decks
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _run_id() -> str:
+    """The execution id, not the attempt: every retry of a run sees every earlier attempt's checkpoints."""
+    name = current_context().execution_id.name
+    # Local executions are all named "local" and are never retried: each is a run of its own.
+    return artifacts.new_version() if name == "local" else name
+
+
 def _workdir(name: str) -> Path:
     path = Path(current_context().working_directory) / name
     path.mkdir(parents=True, exist_ok=True)
@@ -69,8 +76,7 @@ def prepare(raw: FlyteDirectory, cfg: FinetuneConfig) -> FlyteDirectory:
 )
 def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str]) -> FlyteDirectory:
     out = _workdir("model")
-    # The execution id, not the attempt: every retry of this run sees every earlier attempt's checkpoints.
-    checkpoint_dir = run_checkpoint_dir(cfg, current_context().execution_id.name)
+    checkpoint_dir = run_checkpoint_dir(cfg, _run_id())
     try:
         result = training.fit(Path(prepared.download()), out, cfg, checkpoint_dir=checkpoint_dir,
                               resume_from=resume_from)
