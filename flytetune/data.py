@@ -6,6 +6,7 @@ file fails in the cheap CPU step, long before a GPU is requested.
 """
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,14 +36,34 @@ class DataError(ValueError):
     """The dataset cannot be used; the message names the file, column and rows."""
 
 
-def copy_dataset(uri: str, dest_dir: Path, name: str = "dataset") -> Path:
-    """Bring a dataset file from any storage URI to `dest_dir/<name><suffix>`; return the local path."""
-    suffix = Path(uri.rstrip("/")).suffix.lower()
-    if suffix not in READERS:
-        raise DataError(f"{uri}: unsupported file type {suffix!r}; use one of {', '.join(READERS)}")
-    dest = Path(dest_dir) / f"{name}{suffix}"
-    storage.copy(uri, str(dest))
-    return dest
+SOURCES = "sources.json"
+
+
+def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None) -> dict[str, dict]:
+    """Bring the dataset (and test) file from any storage URI to `dest_dir`.
+
+    Writes `dest_dir/sources.json` mapping each role to its URI and local file name, so later
+    steps report problems against the URI the user gave, not a temporary copy.
+    """
+    dest_dir = Path(dest_dir)
+    sources = {}
+    for role, uri in (("dataset", dataset_uri), ("test", test_uri)):
+        if not uri:
+            continue
+        suffix = Path(uri.rstrip("/")).suffix.lower()
+        if suffix not in READERS:
+            raise DataError(f"{uri}: unsupported file type {suffix!r}; use one of {', '.join(READERS)}")
+        storage.copy(uri, str(dest_dir / f"{role}{suffix}"))
+        sources[role] = {"uri": uri, "file": f"{role}{suffix}"}
+    (dest_dir / SOURCES).write_text(json.dumps(sources, indent=2) + "\n")
+    return sources
+
+
+def load_sources(raw_dir: Path) -> dict[str, dict]:
+    path = Path(raw_dir) / SOURCES
+    if not path.is_file():
+        raise FileNotFoundError(f"{raw_dir}: no {SOURCES}; copy the dataset with copy_dataset first")
+    return json.loads(path.read_text())
 
 
 def file_sha256(*paths: Path) -> str:
@@ -55,20 +76,21 @@ def file_sha256(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def read_table(path: Path) -> pl.DataFrame:
-    """Read CSV, parquet or JSON lines, chosen by the file suffix."""
+def read_table(path: Path, name: str | None = None) -> pl.DataFrame:
+    """Read CSV, parquet or JSON lines, chosen by the file suffix; errors say `name` (default: the path)."""
     path = Path(path)
+    name = name or str(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{name}: no such file")
     if path.is_dir():
-        raise DataError(f"{path}: is a directory; give one CSV, parquet or JSON lines file")
+        raise DataError(f"{name}: is a directory; give one CSV, parquet or JSON lines file")
     kind = READERS.get(path.suffix.lower())
     if kind is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
+        raise DataError(f"{name}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{name}: file is empty")
     if kind in ("csv", "ndjson"):
-        _check_utf8(path)
+        _check_utf8(path, name)
     try:
         if kind == "csv":
             df = pl.read_csv(path, infer_schema_length=10_000)
@@ -78,13 +100,13 @@ def read_table(path: Path) -> pl.DataFrame:
             df = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: cannot be read as {kind}: {first_line}") from None
+        raise DataError(f"{name}: cannot be read as {kind}: {first_line}") from None
     if df.height == 0:
-        raise DataError(f"{path}: has a header but no rows")
+        raise DataError(f"{name}: has a header but no rows")
     return df
 
 
-def _check_utf8(path: Path) -> None:
+def _check_utf8(path: Path, name: str) -> None:
     # polars would either fail with a byte offset deep in its parser or, with lossy decoding,
     # silently train on replacement characters; a line number is what a person can act on.
     raw = path.read_bytes()
@@ -93,7 +115,7 @@ def _check_utf8(path: Path) -> None:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{path}: not valid UTF-8 at byte {e.start} (line {line}): {raw[e.start:e.start + 4]!r}; "
+            f"{name}: not valid UTF-8 at byte {e.start} (line {line}): {raw[e.start:e.start + 4]!r}; "
             "re-encode the file as UTF-8"
         ) from None
 

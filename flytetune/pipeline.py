@@ -51,10 +51,8 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     run_id = run_id or artifacts.new_version()
     with tempfile.TemporaryDirectory(prefix="flytetune-") as tmp:
         work = Path(work_dir or tmp)
-        raw = work / "raw"
-        dataset = copy_dataset(dataset_uri, raw)
-        test = copy_dataset(test_uri, raw, name="test") if test_uri else None
-        meta = prepare(dataset, work / "prepared", cfg, test_path=test)
+        copy_dataset(dataset_uri, work / "raw", test_uri=test_uri)
+        meta = prepare(work / "raw", work / "prepared", cfg)
         fit(work / "prepared", work / "model", cfg, checkpoint_dir=run_checkpoint_dir(cfg, run_id),
             resume_from=resume_from)
         metrics = evaluate(work / "model", work / "prepared", batch_size=cfg.train.eval_batch_size)

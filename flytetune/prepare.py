@@ -18,6 +18,7 @@ from flytetune.data import (
     TEXT,
     DataError,
     file_sha256,
+    load_sources,
     read_table,
     stratified_split,
     subsample,
@@ -31,33 +32,33 @@ SPLITS = ("train", "validation", "test")
 META = "meta.json"
 
 
-def prepare(dataset_path: Path, out_dir: Path, cfg: FinetuneConfig, test_path: Path | None = None) -> dict:
-    """Validate and split `dataset_path` (and `test_path`, if given), tokenise once, write `out_dir`.
-
-    Returns the metadata that is also written to `out_dir/meta.json`.
+def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
+    """Validate and split the dataset copied to `raw_dir` (and its test file, if any), tokenise once,
+    and write `out_dir`. Returns the metadata that is also written to `out_dir/meta.json`.
     """
-    out_dir = Path(out_dir)
+    out_dir, raw_dir = Path(out_dir), Path(raw_dir)
     if (out_dir / META).exists():
         raise FileExistsError(f"{out_dir}: already prepared ({META} exists)")
     data_cfg = cfg.data
-    dataset_path = Path(dataset_path)
-    frame = validate(read_table(dataset_path), str(dataset_path), data_cfg)
+    sources = load_sources(raw_dir)
+    dataset_path, dataset_name = raw_dir / sources["dataset"]["file"], sources["dataset"]["uri"]
+    frame = validate(read_table(dataset_path, dataset_name), dataset_name, data_cfg)
     if data_cfg.max_rows is not None:
         frame = subsample(frame, data_cfg.max_rows, data_cfg.split_seed)
     labels = sorted(frame.get_column(LABEL).unique().to_list())
 
-    if test_path is not None:
-        test_path = Path(test_path)
+    if "test" in sources:
+        test_path, test_name = raw_dir / sources["test"]["file"], sources["test"]["uri"]
         # A held-out test file may legitimately hold few examples of a class.
-        test = validate(read_table(test_path), str(test_path), data_cfg, min_per_class=1)
+        test = validate(read_table(test_path, test_name), test_name, data_cfg, min_per_class=1)
         unknown = sorted(set(test.get_column(LABEL).unique().to_list()) - set(labels))
         if unknown:
             raise DataError(
-                f"{test_path}: column {data_cfg.label_column!r} has label(s) not in the training data "
-                f"{dataset_path}: {', '.join(map(repr, unknown[:5]))}"
+                f"{test_name}: column {data_cfg.label_column!r} has label(s) not in the training data "
+                f"{dataset_name}: {', '.join(map(repr, unknown[:5]))}"
             )
         train, validation = stratified_split(frame, [data_cfg.validation_fraction], data_cfg.split_seed)
-        _warn_overlap(train, test, str(test_path))
+        _warn_overlap(train, test, test_name)
     else:
         train, validation, test = stratified_split(
             frame, [data_cfg.validation_fraction, data_cfg.test_fraction], data_cfg.split_seed
@@ -80,7 +81,6 @@ def prepare(dataset_path: Path, out_dir: Path, cfg: FinetuneConfig, test_path: P
         ids = [label2id[label] for label in split.get_column(LABEL).to_list()]
         rows[name] = write_store(out_dir / name, zip(encoded, ids, strict=True))
 
-    sources = [dataset_path] + ([test_path] if test_path is not None else [])
     meta = {
         "rows": rows,
         "labels": labels,
@@ -92,9 +92,9 @@ def prepare(dataset_path: Path, out_dir: Path, cfg: FinetuneConfig, test_path: P
         "max_length": data_cfg.max_length,
         "truncated": truncated,
         "split_seed": data_cfg.split_seed,
-        "sources": [p.name for p in sources],
-        "dataset_sha256": file_sha256(*sources),
-        "test_source": "test_uri" if test_path is not None else "split",
+        "sources": [source["uri"] for source in sources.values()],
+        "dataset_sha256": file_sha256(*(raw_dir / source["file"] for source in sources.values())),
+        "test_source": "test_uri" if "test" in sources else "split",
     }
     _write_json_atomic(out_dir / META, meta)
     log.info("prepared %s: %s rows, %d classes", out_dir, rows, len(labels))

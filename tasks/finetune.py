@@ -50,19 +50,14 @@ def resolve_checkpoint(cfg: FinetuneConfig, from_checkpoint: Optional[str]) -> O
 @task
 def copy_dataset(dataset_uri: str, test_uri: Optional[str]) -> FlyteDirectory:
     raw = _workdir("raw")
-    data.copy_dataset(dataset_uri, raw, name="dataset")
-    if test_uri:
-        data.copy_dataset(test_uri, raw, name="test")
+    data.copy_dataset(dataset_uri, raw, test_uri=test_uri)
     return FlyteDirectory(str(raw))
 
 
 @task
 def prepare(raw: FlyteDirectory, cfg: FinetuneConfig) -> FlyteDirectory:
-    raw_dir = Path(raw.download())
-    dataset = next(raw_dir.glob("dataset.*"))
-    test = next(raw_dir.glob("test.*"), None)
     out = _workdir("prepared")
-    preparation.prepare(dataset, out, cfg, test_path=test)
+    preparation.prepare(Path(raw.download()), out, cfg)
     return FlyteDirectory(str(out))
 
 

@@ -23,10 +23,13 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def prepared_tiny(tmp_path_factory, tiny_cfg) -> Path:
     """The bundled sample prepared with the tiny config, shared read-only by tests."""
+    from flytetune.data import copy_dataset
     from flytetune.prepare import prepare
 
+    raw = tmp_path_factory.mktemp("raw")
+    copy_dataset(str(SAMPLE), raw)
     out = tmp_path_factory.mktemp("prepared") / "tiny"
-    prepare(SAMPLE, out, tiny_cfg)
+    prepare(raw, out, tiny_cfg)
     return out
 
 

@@ -79,7 +79,7 @@ def cli(*args, cwd=REPO):
 
 
 BAD_INPUTS = {
-    "missing column": ("bad.csv", b"description,label\nfoo,a\n", "label column 'label' not found"),
+    "missing column": ("bad.csv", b"description,label\nfoo,a\n", "bad.csv: text column 'text' not found"),
     "empty file": ("bad.csv", b"", "bad.csv: file is empty"),
     "non-UTF-8 bytes": ("bad.csv", "text,label\ncaf\u00e9,a\n".encode("latin-1"), "not valid UTF-8 at byte"),
     "single example": ("bad.csv", b"text,label\n" + b"".join(b"t%d,a\n" % i for i in range(9)) + b"solo,b\n",
@@ -124,5 +124,6 @@ def test_pyflyte_run_reports_bad_config_key_and_publishes_nothing(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "train.epoch: unknown key (did you mean train.epochs?)" in result.stdout + result.stderr
+    output = " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
+    assert "train.epoch: unknown key (did you mean train.epochs?)" in output
     assert not (tmp_path / "bucket").exists()
