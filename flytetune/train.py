@@ -182,6 +182,9 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 progress.batch_in_epoch = 0
                 progress.epoch_loss_sum, progress.epoch_batches = 0.0, 0
         if writer:
+            # The end state too: a finished run can be continued by hand with more steps.
+            if writer.last_step != progress.global_step:
+                writer.save(snapshot())
             writer.wait()
     finally:
         if writer:

