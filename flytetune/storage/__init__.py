@@ -1,110 +1,61 @@
-"""Storage behind URIs: local paths and file:// (S3 and GCS arrive with the storage issue).
+"""Storage behind URIs: local paths, file://, s3:// and gs://, in every direction.
 
-The only module that talks to storage systems; the rest of flytetune speaks URIs.
+This package is the only code in flytetune that imports boto3 or google-cloud-storage (lazily:
+importing it costs nothing); everything else speaks URIs:
+
+    copy(src, dst)               one object, verified, atomic at the destination
+    sync(src_prefix, dst_prefix) every object under a prefix, parallel and incremental
+    ls, exists, read_bytes, write_bytes, read_text, write_text, remove
+
+CLI: python -m flytetune.storage copy|sync SRC DST [--concurrency N]
 """
 
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+
+from flytetune.storage import gcs as _gcs
+from flytetune.storage import s3 as _s3
+from flytetune.storage.transfer import TransferStats, backend, copy, sync
+from flytetune.storage.uri import StorageError, is_local, local_path, parse
+
+__all__ = ["StorageError", "TransferStats", "copy", "exists", "is_local", "local_path", "ls", "read_bytes",
+           "read_text", "remove", "reset_clients", "sync", "write_bytes", "write_text"]
 
 
-class StorageError(Exception):
-    """One line naming the URI and the problem."""
-
-
-@dataclass
-class TransferStats:
-    objects_copied: int = 0
-    objects_skipped: int = 0
-    bytes_copied: int = 0
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def local_path(uri: str) -> Path:
-    if uri.startswith("file://"):
-        return Path(urlparse(uri).path)
-    if "://" in uri:
-        raise StorageError(f"{uri}: scheme not supported yet (local paths and file:// only)")
-    return Path(uri)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def copy(src: str, dst: str, *, concurrency: int | None = None) -> TransferStats:
-    s, d = local_path(src), local_path(dst)
-    if s.is_dir():
-        raise StorageError(f"{src}: is a directory; use sync to copy a prefix")
-    if not s.is_file():
-        raise StorageError(f"{src}: no such file or directory")
-    try:
-        _atomic_copy(s, d)
-    except OSError as e:
-        raise StorageError(f"{dst}: {e.strerror or e}") from None
-    return TransferStats(objects_copied=1, bytes_copied=s.stat().st_size)
-
-
-def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None) -> TransferStats:
-    s, d = local_path(src_prefix), local_path(dst_prefix)
-    if not s.is_dir():
-        raise StorageError(f"{src_prefix}: no such directory")
-    stats = TransferStats()
-    for path in sorted(p for p in s.rglob("*") if p.is_file()):
-        target = d / path.relative_to(s)
-        if target.is_file() and target.stat().st_size == path.stat().st_size and \
-                target.read_bytes() == path.read_bytes():
-            stats.objects_skipped += 1
-            continue
-        try:
-            _atomic_copy(path, target)
-        except OSError as e:
-            raise StorageError(f"{target}: {e.strerror or e}") from None
-        stats.objects_copied += 1
-        stats.bytes_copied += path.stat().st_size
-    return stats
+def _join(uri: str, relative: str) -> str:
+    return f"{uri.rstrip('/')}/{relative}"
 
 
 def ls(uri: str) -> list[str]:
-    p = local_path(uri)
-    if p.is_file():
-        return [uri]
-    if not p.is_dir():
-        return []
-    return sorted(f"{uri.rstrip('/')}/{f.relative_to(p).as_posix()}" for f in p.rglob("*") if f.is_file())
+    """Every object under a prefix (recursively), as URIs in the form given; [uri] for one object."""
+    loc = parse(uri)
+    infos = backend(loc).list(loc)
+    if infos:
+        root = loc
+        out = []
+        for info in infos:
+            if root.scheme == "file":
+                rel = Path(info.key).relative_to(Path(root.key)).as_posix()
+            else:
+                rel = info.key[len(root.key.rstrip("/") + "/") if root.key else 0:]
+            out.append(_join(uri, rel))
+        return sorted(out)
+    return [uri] if backend(loc).stat(loc) is not None else []
 
 
 def exists(uri: str) -> bool:
-    return local_path(uri).exists()
+    loc = parse(uri)
+    return backend(loc).stat(loc) is not None or backend(loc).is_prefix(loc)
 
 
 def read_bytes(uri: str) -> bytes:
-    try:
-        return local_path(uri).read_bytes()
-    except FileNotFoundError:
-        raise StorageError(f"{uri}: no such file or directory") from None
+    loc = parse(uri)
+    return backend(loc).read_bytes(loc)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    p = local_path(uri)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
+    """Write a small object in one atomic step (rename locally, one PUT on object stores)."""
+    loc = parse(uri)
+    backend(loc).write_bytes(loc, data)
 
 
 def read_text(uri: str) -> str:
@@ -116,8 +67,12 @@ def write_text(uri: str, text: str) -> None:
 
 
 def remove(uri: str) -> None:
-    p = local_path(uri)
-    if p.is_dir():
-        shutil.rmtree(p)
-    else:
-        p.unlink(missing_ok=True)
+    """Delete an object, or every object under a prefix."""
+    loc = parse(uri)
+    backend(loc).remove(loc)
+
+
+def reset_clients() -> None:
+    """Forget the shared SDK clients, e.g. after the endpoint or credentials in the environment changed."""
+    _s3.reset()
+    _gcs.reset()

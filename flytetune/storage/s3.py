@@ -1,0 +1,166 @@
+"""AWS S3 through boto3: the only module that imports it.
+
+The endpoint, region and credentials come from boto3's standard chains (`AWS_ENDPOINT_URL`,
+`AWS_PROFILE`, IRSA, instance profiles, Flyte secrets mounted as env vars); nothing here
+overrides them. Throttling (503 SlowDown, 429) and connection resets are retried by botocore's
+adaptive retry mode with backoff.
+"""
+
+import os
+import threading
+from pathlib import Path
+
+from flytetune.storage.checksums import CHUNK, Digest, bytes_digest, file_digest
+from flytetune.storage.objects import ObjectInfo
+from flytetune.storage.uri import Location, StorageError
+
+# Our own full-object CRC32C, recorded on every upload: S3's ETag is not an MD5 for multipart
+# objects, and its native checksums of multipart uploads are composite.
+CRC_META = "flytetune-crc32c"
+# One GET streams small objects; larger ones are fetched in parallel ranges.
+SINGLE_REQUEST_MAX = 16 << 20
+PART_SIZE = 32 << 20
+
+_clients: dict[int, object] = {}
+_lock = threading.Lock()
+
+
+def client():
+    """One client per process, shared by all threads (boto3 clients are thread-safe)."""
+    pid = os.getpid()
+    with _lock:
+        if pid not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(max_pool_connections=64, retries={"max_attempts": 10, "mode": "adaptive"},
+                            tcp_keepalive=True)
+            _clients.clear()
+            _clients[pid] = boto3.session.Session().client("s3", config=config)
+        return _clients[pid]
+
+
+def reset() -> None:
+    with _lock:
+        _clients.clear()
+
+
+def _transfer_config(concurrency: int = 8):
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=SINGLE_REQUEST_MAX, multipart_chunksize=PART_SIZE,
+                          max_concurrency=concurrency, use_threads=True)
+
+
+def _error(loc: Location, exc: Exception) -> StorageError:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"{loc}: no AWS credentials found (environment, ~/.aws, or the pod's role)")
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"{loc}: cannot reach the S3 endpoint")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code == "NoSuchBucket":
+            return StorageError(f"s3://{loc.bucket}: bucket does not exist")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{loc}: no such object")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return StorageError(f"{loc}: access denied")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+            return StorageError(f"{loc}: AWS credentials rejected ({code})")
+        return StorageError(f"{loc}: S3 error {code}")
+    return StorageError(f"{loc}: {type(exc).__name__}")
+
+
+def _info(key: str, size: int, etag: str | None, metadata: dict | None) -> ObjectInfo:
+    etag = (etag or "").strip('"')
+    md5 = etag if etag and "-" not in etag else None
+    return ObjectInfo(key, size, crc32c=(metadata or {}).get(CRC_META), md5=md5)
+
+
+class S3Backend:
+    scheme = "s3"
+
+    def list(self, loc: Location) -> list[ObjectInfo]:
+        prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+        try:
+            pages = client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+            return [_info(o["Key"], o["Size"], o.get("ETag"), None)
+                    for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        except Exception as e:  # noqa: BLE001 - every SDK error becomes one StorageError line
+            raise _error(loc, e) from None
+
+    def stat(self, loc: Location) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = client().head_object(Bucket=loc.bucket, Key=loc.key)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _error(loc, e) from None
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+        return _info(loc.key, head["ContentLength"], head.get("ETag"), head.get("Metadata"))
+
+    def is_prefix(self, loc: Location) -> bool:
+        prefix = loc.key.rstrip("/") + "/"
+        try:
+            response = client().list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+        return response.get("KeyCount", 0) > 0
+
+    def get(self, loc: Location, dest: Path, expected: ObjectInfo) -> tuple[Digest, ObjectInfo]:
+        """Download to `dest`; return the digest of what was written and the object's recorded digests."""
+        try:
+            if expected.size <= SINGLE_REQUEST_MAX:
+                response = client().get_object(Bucket=loc.bucket, Key=loc.key)
+                digest = Digest()
+                with open(dest, "wb") as f:
+                    for chunk in response["Body"].iter_chunks(CHUNK):
+                        digest.update(chunk)
+                        f.write(chunk)
+                # The GET carries the object's own metadata: verify against what was read, not the listing.
+                return digest, _info(loc.key, response["ContentLength"], response.get("ETag"), response.get("Metadata"))
+            recorded = self.stat(loc) or expected
+            client().download_file(loc.bucket, loc.key, str(dest), Config=_transfer_config())
+            return file_digest(dest), recorded
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+
+    def put(self, path: Path, loc: Location, digest: Digest) -> None:
+        metadata = {CRC_META: digest.crc32c}
+        try:
+            if digest.size <= SINGLE_REQUEST_MAX:
+                client().put_object(Bucket=loc.bucket, Key=loc.key, Body=path.read_bytes(), Metadata=metadata)
+            else:
+                client().upload_file(str(path), loc.bucket, loc.key, ExtraArgs={"Metadata": metadata},
+                                     Config=_transfer_config())
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+
+    def read_bytes(self, loc: Location) -> bytes:
+        try:
+            return client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+
+    def write_bytes(self, loc: Location, data: bytes) -> None:
+        try:
+            client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data,
+                                Metadata={CRC_META: bytes_digest(data).crc32c})
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+
+    def remove(self, loc: Location) -> None:
+        keys = [o.key for o in self.list(loc)] or [loc.key]
+        try:
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": k} for k in keys[start:start + 1000]]
+                client().delete_objects(Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True})
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
