@@ -14,12 +14,16 @@ from tests.conftest import REPO, SAMPLE, TINY_CONFIG
 pytestmark = pytest.mark.e2e
 
 
-def test_workflow_runs_locally_and_publishes(tmp_path, in_repo):
+def test_workflow_reads_from_s3_and_publishes_to_s3(tmp_path, in_repo, s3_bucket):
+    """The whole workflow through flytekit's local execution, with the data on the loopback S3 server."""
+    from flytetune import storage
     from workflows.finetune import finetune
 
-    out = finetune(dataset_uri=str(SAMPLE), output_uri=str(tmp_path / "bucket"), config=str(TINY_CONFIG),
-                   overrides="train.max_steps=15")
+    storage.copy(str(SAMPLE), f"s3://{s3_bucket}/datasets/transactions.parquet")
+    out = finetune(dataset_uri=f"s3://{s3_bucket}/datasets/transactions.parquet",
+                   output_uri=f"s3://{s3_bucket}/models", config=str(TINY_CONFIG), overrides="train.max_steps=15")
     run_uri, summary = out.artifacts_uri, out.test_metrics
+    assert run_uri.startswith(f"s3://{s3_bucket}/models/txn-categoriser/")
     manifest = artifacts.verify(run_uri)  # every file is present and matches its checksum
     files = set(manifest["files"])
     assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "label_map.json",
@@ -29,7 +33,8 @@ def test_workflow_runs_locally_and_publishes(tmp_path, in_repo):
     n_classes = len(manifest["data"]["labels"])
     assert summary["accuracy"] > 2.0 / n_classes, "well above chance after a few steps"
     assert manifest["metrics"]["accuracy"] == summary["accuracy"]
-    history = json.loads(Path(run_uri, "train_history.json").read_text())
+    assert manifest["data"]["sources"] == [f"s3://{s3_bucket}/datasets/transactions.parquet"]
+    history = json.loads(storage.read_text(f"{run_uri}/train_history.json"))
     assert history["global_step"] == 15
 
 

@@ -32,8 +32,9 @@ ARGS = ["--config", str(TINY_CONFIG), "--set", "train.deterministic=true", "--se
 class Training:
     """One run of `python -m flytetune.train` whose output is read line by line."""
 
-    def __init__(self, tmp: Path, backbone: Path, run_id: str | None = "run", checkpoints: bool = True):
-        ckpt = f"checkpoint.uri={tmp / 'ckpt'}" if checkpoints else "checkpoint.uri=null"
+    def __init__(self, tmp: Path, backbone: Path, run_id: str | None = "run", checkpoints: bool = True,
+                 checkpoint_uri: str | None = None):
+        ckpt = f"checkpoint.uri={checkpoint_uri or tmp / 'ckpt'}" if checkpoints else "checkpoint.uri=null"
         args = [*ARGS, "--set", f"model.backbone={backbone}", "--set", ckpt, "--output_uri", str(tmp / "out")]
         if run_id:
             args += ["--run_id", run_id]
@@ -173,3 +174,21 @@ def test_attempts_share_the_run_prefix(tmp_path, reference, tiny_backbone):
     assert code == 0, output3
     assert resumed_step(output3) == saved_by_attempt1
     assert_same_weights(published_weights(output3), reference)
+
+
+def test_resumes_from_an_s3_checkpoint(tmp_path, reference, tiny_backbone, s3_bucket):
+    """Checkpoints round-trip through the loopback S3 server; the rerun continues from there."""
+    from flytetune import storage
+
+    uri = f"s3://{s3_bucket}/checkpoints"
+    run = Training(tmp_path, tiny_backbone, checkpoint_uri=uri)
+    run.wait_for_step(10)
+    run.kill()
+    run.finish()
+    assert checkpoint.latest(f"{uri}/run") is not None
+    assert any(key.endswith("/manifest.json") for key in storage.ls(f"{uri}/run"))
+
+    code, output = Training(tmp_path, tiny_backbone, checkpoint_uri=uri).finish()
+    assert code == 0, output
+    assert re.search(rf"resuming from checkpoint {uri}/run/step-\d+", output)
+    assert_same_weights(published_weights(output), reference)
