@@ -98,7 +98,7 @@ class GCSBackend:
             self._bucket(loc).blob(loc.key).download_to_filename(str(dest), checksum="crc32c")
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
-        return file_digest(dest), expected
+        return file_digest(dest), expected  # GCS always records a CRC32C
 
     def put(self, path: Path, loc: Location, digest: Digest) -> None:
         try:

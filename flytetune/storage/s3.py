@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-from flytetune.storage.checksums import CHUNK, Digest, bytes_digest, file_digest
+from flytetune.storage.checksums import CHUNK, Digest, bytes_digest, digest_for
 from flytetune.storage.objects import ObjectInfo
 from flytetune.storage.uri import Location, StorageError
 
@@ -19,7 +19,9 @@ from flytetune.storage.uri import Location, StorageError
 CRC_META = "flytetune-crc32c"
 # One GET streams small objects; larger ones are fetched in parallel ranges.
 SINGLE_REQUEST_MAX = 16 << 20
-PART_SIZE = 32 << 20
+# 64 MiB parts: fewer requests per object (s5cmd uses 50 MB); still 160 parts under S3's 10,000 limit at 10 GiB.
+PART_SIZE = 64 << 20
+IO_CHUNK = 1 << 20
 
 _clients: dict[int, object] = {}
 _lock = threading.Lock()
@@ -48,8 +50,10 @@ def reset() -> None:
 def _transfer_config(concurrency: int = 8):
     from boto3.s3.transfer import TransferConfig
 
+    # Large I/O chunks: on few cores, per-chunk Python overhead, not the network, is the bottleneck.
     return TransferConfig(multipart_threshold=SINGLE_REQUEST_MAX, multipart_chunksize=PART_SIZE,
-                          max_concurrency=concurrency, use_threads=True)
+                          max_concurrency=concurrency, use_threads=True,
+                          io_chunksize=IO_CHUNK)
 
 
 def _error(loc: Location, exc: Exception) -> StorageError:
@@ -117,16 +121,17 @@ class S3Backend:
         try:
             if expected.size <= SINGLE_REQUEST_MAX:
                 response = client().get_object(Bucket=loc.bucket, Key=loc.key)
-                digest = Digest()
+                # The GET carries the object's own metadata: verify against what was read, not the listing.
+                recorded = _info(loc.key, response["ContentLength"], response.get("ETag"), response.get("Metadata"))
+                digest = Digest(md5=recorded.crc32c is None)
                 with open(dest, "wb") as f:
                     for chunk in response["Body"].iter_chunks(CHUNK):
                         digest.update(chunk)
                         f.write(chunk)
-                # The GET carries the object's own metadata: verify against what was read, not the listing.
-                return digest, _info(loc.key, response["ContentLength"], response.get("ETag"), response.get("Metadata"))
+                return digest, recorded
             recorded = self.stat(loc) or expected
             client().download_file(loc.bucket, loc.key, str(dest), Config=_transfer_config())
-            return file_digest(dest), recorded
+            return digest_for(dest, recorded), recorded
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001

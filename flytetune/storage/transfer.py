@@ -81,6 +81,8 @@ def _transfer_once(src: Location, info: ObjectInfo, dst: Location) -> int:
         digest, recorded = source.get(src, tmp, info)
         if not _matches(digest, recorded):
             raise _Mismatch
+        if digest.crc32c is None:
+            digest = file_digest(tmp)  # the destination records a CRC32C even if the source did not
         backend(dst).put(tmp, dst, digest)
         return digest.size
 
@@ -102,12 +104,13 @@ def _already_there(src: Location, info: ObjectInfo, dst: Location, existing: Obj
         return decided
     # Sizes agree but no shared digest was listed: compute the local side, ask the remote side.
     if dst.scheme == "file":
-        ours = file_digest(Path(dst.key))
-        return _matches(ours, backend(src).stat(src) or info) if src.scheme != "file" else \
-            ours.crc32c == file_digest(Path(src.key)).crc32c
+        if src.scheme == "file":
+            return file_digest(Path(dst.key)).crc32c == file_digest(Path(src.key)).crc32c
+        recorded = backend(src).stat(src) or info
+        return _matches(file_digest(Path(dst.key), md5=recorded.crc32c is None), recorded)
     if src.scheme == "file":
         recorded = backend(dst).stat(dst)
-        return recorded is not None and _matches(file_digest(Path(src.key)), recorded)
+        return recorded is not None and _matches(file_digest(Path(src.key), md5=recorded.crc32c is None), recorded)
     recorded_src, recorded_dst = backend(src).stat(src), backend(dst).stat(dst)
     return bool(recorded_src and recorded_dst and same_content(recorded_src, recorded_dst))
 
