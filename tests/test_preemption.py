@@ -192,3 +192,33 @@ def test_resumes_from_an_s3_checkpoint(tmp_path, reference, tiny_backbone, s3_bu
     assert code == 0, output
     assert re.search(rf"resuming from checkpoint {uri}/run/step-\d+", output)
     assert_same_weights(published_weights(output), reference)
+
+
+def test_pyflyte_run_sigterm_is_recoverable_and_from_checkpoint_continues(tmp_path, tiny_backbone):
+    """The Flyte task turns a graceful stop into FlyteRecoverableException (retried within the task's
+    `retries`); a later `pyflyte run --from_checkpoint latest` continues from that checkpoint."""
+    pyflyte = str(Path(sys.executable).parent / "pyflyte")
+    overrides = (f"model.backbone={tiny_backbone} checkpoint.uri={tmp_path / 'ckpt'} checkpoint.every_steps=4 "
+                 f"checkpoint.every_minutes=null train.log_every_steps=1 train.max_steps={STEPS}")
+    command = [pyflyte, "run", "workflows/finetune.py", "finetune", "--config", str(TINY_CONFIG),
+               "--output_uri", str(tmp_path / "out"), "--overrides", overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if f" step 6/{STEPS} " in line:
+            first.send_signal(signal.SIGTERM)
+            break
+    out, _ = first.communicate(timeout=300)
+    output = "".join(lines) + out
+    assert first.returncode != 0, output
+    assert "FlyteRecoverableException" in output and "preempted at step" in output, output
+    stopped = int(re.search(r"preempted at step (\d+)", output).group(1))
+
+    second = subprocess.run([*command, "--from_checkpoint", "latest"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output
+    assert resumed_step(output) == stopped, "continues the earlier run and says so"
+    assert "Published(" in output
