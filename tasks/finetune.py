@@ -9,7 +9,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
-from flytetune import artifacts, data
+from flytetune import artifacts, data, storage
 from flytetune import evaluate as evaluation
 from flytetune import prepare as preparation
 from flytetune import train as training
@@ -47,17 +47,27 @@ def resolve_checkpoint(cfg: FinetuneConfig, from_checkpoint: Optional[str]) -> O
     return resolve_resume(cfg, from_checkpoint)
 
 
+def _execution_prefix(name: str) -> str:
+    """`name` under this execution's raw output prefix: the cluster's own bucket (gs:// on GKE), a temp dir locally."""
+    return f"{current_context().raw_output_prefix.rstrip('/')}/{name}"
+
+
 @task
-def copy_dataset(dataset_uri: str, test_uri: Optional[str]) -> FlyteDirectory:
+def copy_dataset(dataset_uri: str, test_uri: Optional[str]) -> str:
+    """Bring the dataset into the cluster's own cloud with flytetune.storage (verified, parallel),
+    not through Flyte's fsspec transfer; returns the URI of the copy."""
     raw = _workdir("raw")
     data.copy_dataset(dataset_uri, raw, test_uri=test_uri)
-    return FlyteDirectory(str(raw))
+    dest = _execution_prefix("dataset")
+    storage.sync(str(raw), dest)
+    return dest
 
 
 @task
-def prepare(raw: FlyteDirectory, cfg: FinetuneConfig) -> FlyteDirectory:
-    out = _workdir("prepared")
-    preparation.prepare(Path(raw.download()), out, cfg)
+def prepare(raw_uri: str, cfg: FinetuneConfig) -> FlyteDirectory:
+    raw, out = _workdir("raw"), _workdir("prepared")
+    storage.sync(raw_uri, str(raw))
+    preparation.prepare(raw, out, cfg)
     return FlyteDirectory(str(out))
 
 

@@ -40,8 +40,8 @@ def finetune(
     """
     cfg = resolve_config(path=config, overrides=overrides)
     resume_from = resolve_checkpoint(cfg=cfg, from_checkpoint=from_checkpoint)
-    raw = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri)
-    prepared = prepare(raw=raw, cfg=cfg)
+    dataset = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri)
+    prepared = prepare(raw_uri=dataset, cfg=cfg)
     model = train(prepared=prepared, cfg=cfg, resume_from=resume_from)
     metrics = evaluate(model=model, prepared=prepared, cfg=cfg)
     return publish(model=model, prepared=prepared, metrics=metrics, cfg=cfg, output_uri=output_uri)
