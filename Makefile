@@ -24,8 +24,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Serialise every task, workflow and launch plan for a cluster: make package IMAGE=<registry>/flytetune:<tag>
+IMAGE ?= flytetune:dev
+package: $(STAMP)
+	$(BIN)/pyflyte --pkgs workflows package --image $(IMAGE) -o flyte-package.tgz --force
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache
+	rm -rf $(VENV) artifacts checkpoints flyte-package.tgz .pytest_cache .ruff_cache

@@ -4,7 +4,6 @@ The order of epoch e is a permutation drawn from (seed, e) alone, so a run that 
 batch b of epoch e sees exactly the batches the uninterrupted run would have seen.
 """
 
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -18,8 +17,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of indices for one epoch, optionally starting at batch `start_batch`.
 
-    With `world_size` > 1 each rank takes every world_size-th batch of the global order, so
-    ranks see disjoint data and the global batch sequence does not depend on the rank count.
+    `batch_size` is the global batch. With `world_size` > 1 each rank takes its slice of every
+    global batch, so an optimizer step sees the same examples whatever the number of processes,
+    and a run can resume with another world size. A final partial batch smaller than the world
+    is dropped (every rank must take part in every step).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
@@ -27,17 +28,20 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
 
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.n, self.seed, self.epoch)
         for b in range(self.start_batch, self.batches_per_epoch()):
-            if b % self.world_size == self.rank:
-                yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if len(batch) < self.world_size:
+                return
+            yield np.array_split(batch, self.world_size)[self.rank].tolist()
+
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest >= self.world_size else 0)
 
     def __len__(self) -> int:
-        return len(range(self.start_batch + self.rank, self.batches_per_epoch(), self.world_size))
+        return max(self.batches_per_epoch() - self.start_batch, 0)
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -208,6 +208,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node[parts[-1]] = value
 
 
+def build(cls: type, values: Any, prefix: str = "") -> Any:
+    """Build any config dataclass from a mapping, with the same key and type checks as `load_config`."""
+    return _build(cls, values, prefix)
+
+
 def _build(cls: type, values: Any, prefix: str) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
@@ -252,6 +257,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(kind) is dict:
+        # String maps (pod labels, environment): YAML numbers and booleans are written as text.
+        if isinstance(value, Mapping) and all(isinstance(v, (str, int, float, bool)) for v in value.values()):
+            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
     else:  # pragma: no cover - only reached if a new field type is added without support here
         raise ConfigError(f"{key}: unsupported field type {kind}")
     raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flytetune import artifacts, checkpoint
+from flytetune import artifacts, checkpoint, distributed
 from flytetune.config import DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
 from flytetune.data import DataError, copy_dataset
 from flytetune.evaluate import evaluate
@@ -48,13 +48,19 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     preemption continues from the newest complete checkpoint.
     """
     resume_from = resolve_resume(cfg, from_checkpoint)
-    run_id = run_id or artifacts.new_version()
+    world = distributed.init()
+    # Under torchrun (one node) rank 0 copies, prepares and publishes; every rank trains.
+    run_id = distributed.from_main(world, run_id or artifacts.new_version())
     with tempfile.TemporaryDirectory(prefix="flytetune-") as tmp:
-        work = Path(work_dir or tmp)
-        copy_dataset(dataset_uri, work / "raw", test_uri=test_uri)
-        meta = prepare(work / "raw", work / "prepared", cfg)
+        work = Path(distributed.from_main(world, str(work_dir or tmp)))
+        if world.is_main:
+            copy_dataset(dataset_uri, work / "raw", test_uri=test_uri)
+            meta = prepare(work / "raw", work / "prepared", cfg)
+        distributed.barrier(world)
         fit(work / "prepared", work / "model", cfg, checkpoint_dir=run_checkpoint_dir(cfg, run_id),
             resume_from=resume_from)
+        if not world.is_main:
+            return None, {}
         metrics = evaluate(work / "model", work / "prepared", batch_size=cfg.train.eval_batch_size)
         run_uri = artifacts.publish(work / "model", output_uri, cfg.model.name, metrics=metrics,
                                     config=cfg.to_dict(), data_meta=meta)
@@ -90,5 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    print(json.dumps({"test_metrics": summary(metrics), "artifacts": run_uri}, indent=2))
+    if run_uri is not None:  # torchrun: only rank 0 publishes and reports
+        print(json.dumps({"test_metrics": summary(metrics), "artifacts": run_uri}, indent=2))
     return 0

@@ -9,7 +9,6 @@ is the same pipeline the Flyte workflow runs, without Flyte:
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -21,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flytetune import checkpoint
+from flytetune import checkpoint, distributed
 from flytetune.artifacts import code_version
 from flytetune.backbone import resolve_backbone
 from flytetune.batches import EpochBatchSampler, collate
-from flytetune.config import FinetuneConfig
+from flytetune.config import ConfigError, FinetuneConfig
 from flytetune.evaluate import classification_metrics, predict_logits
 from flytetune.preemption import GracefulStop, Preempted
 from flytetune.prepare import load_meta
@@ -102,21 +101,27 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     prepared_dir, output_dir = Path(prepared_dir), Path(output_dir)
     meta = load_meta(prepared_dir)
     tcfg, ccfg = cfg.train, cfg.checkpoint
+    world = distributed.init()
+    if tcfg.batch_size < world.size:
+        raise ConfigError(f"train.batch_size: {tcfg.batch_size} is smaller than the {world.size} processes sharing it")
     seed_everything(tcfg.seed, tcfg.deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device(world)
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer", local_files_only=True)
     model = build_model(cfg, meta["labels"]).to(device)
     train_store = FeatureStore(prepared_dir / "train")
     val_store = FeatureStore(prepared_dir / "validation")
 
-    steps_per_epoch = math.ceil(len(train_store) / tcfg.batch_size)
+    steps_per_epoch = EpochBatchSampler(len(train_store), tcfg.batch_size, 0, 0,
+                                        world_size=world.size).batches_per_epoch()
     total_steps = tcfg.epochs * steps_per_epoch
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     progress = checkpoint.TrainingProgress(sampler_seed=tcfg.seed)
 
-    source = (checkpoint.latest(checkpoint_dir) if checkpoint_dir else None) or resume_from
+    # Rank 0 decides; every rank then loads the same checkpoint.
+    source = distributed.from_main(
+        world, ((checkpoint.latest(checkpoint_dir) if checkpoint_dir and world.is_main else None) or resume_from))
     if source:
         restored = checkpoint.load(source)
         checkpoint.check_compatible(restored, compat_fields(cfg, meta))
@@ -130,7 +135,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     log.info("training %s on %s: %d examples, %d steps (%d per epoch), device %s",
              cfg.model.backbone, prepared_dir, len(train_store), total_steps, steps_per_epoch, device)
 
-    writer = checkpoint.CheckpointWriter(checkpoint_dir, keep=ccfg.keep) if checkpoint_dir else None
+    writer = checkpoint.CheckpointWriter(checkpoint_dir, keep=ccfg.keep) if checkpoint_dir and world.is_main else None
+    train_model = distributed.wrap(model, world)
     extra = {"compat": compat_fields(cfg, meta), "config": cfg.to_dict(), "code_version": code_version()}
 
     def snapshot() -> checkpoint.Snapshot:
@@ -142,7 +148,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         with GracefulStop() as stop:
             while progress.global_step < total_steps:
                 sampler = EpochBatchSampler(len(train_store), tcfg.batch_size, progress.sampler_seed,
-                                            progress.epoch, start_batch=progress.batch_in_epoch)
+                                            progress.epoch, start_batch=progress.batch_in_epoch,
+                                            rank=world.rank, world_size=world.size)
                 loader = torch.utils.data.DataLoader(
                     train_store, batch_sampler=sampler, collate_fn=collate_fn, num_workers=tcfg.num_workers,
                     # Its own generator: the loader's base seed must not draw from the global RNG,
@@ -152,7 +159,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 model.train()
                 epoch_started = time.monotonic()
                 for batch in loader:
-                    loss = train_step(model, optimizer, scheduler, batch, device, tcfg.max_grad_norm)
+                    loss = train_step(train_model, optimizer, scheduler, batch, device, tcfg.max_grad_norm)
                     progress.global_step += 1
                     progress.batch_in_epoch += 1
                     progress.epoch_loss_sum += loss
@@ -161,7 +168,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                         log.info("epoch %d step %d/%d loss %.4f lr %.2e", progress.epoch, progress.global_step,
                                  total_steps, progress.epoch_loss_sum / progress.epoch_batches,
                                  scheduler.get_last_lr()[0])
-                    if stop.requested:
+                    if distributed.any_rank(world, stop.requested):
                         raise stop_gracefully(writer, snapshot, progress.global_step, ccfg.sigterm_budget_s)
                     if progress.global_step >= total_steps:
                         break
@@ -192,7 +199,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
 
     result = TrainResult(global_step=progress.global_step, epochs_completed=len(progress.history),
                          history=progress.history, resumed_from=source)
-    save_model(model, tokenizer, output_dir, cfg, result)
+    if world.is_main:
+        save_model(model, tokenizer, output_dir, cfg, result)
     return result
 
 

@@ -1,13 +1,17 @@
 """Flyte tasks: thin wrappers that turn Flyte types into paths and call one library function each."""
 
 import logging
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from flytekit import Deck, Resources, current_context, task
+import torch
+from flytekit import Deck, Resources, current_context, dynamic, task
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
+from flytekitplugins.kfpytorch import Elastic
 
 from flytetune import artifacts, data, storage
 from flytetune import evaluate as evaluation
@@ -16,10 +20,18 @@ from flytetune import train as training
 from flytetune.config import FinetuneConfig, load_config, parse_overrides
 from flytetune.pipeline import resolve_resume, run_checkpoint_dir, summary
 from flytetune.preemption import Preempted
-from tasks import decks
+from flytetune.presets import load_preset
+from tasks import decks, presets
+from tasks.presets import PROCESSES_ENV
 
 # flytekit configures only its own logger; without this the library's progress lines vanish.
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger(__name__)
+
+# torch elastic's spawned workers unpickle the training task by module name with the parent's
+# sys.path, from which `pyflyte run` removes the project root (its first occurrence) once the
+# workflow is loaded: keep a second entry.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 def _run_id() -> str:
@@ -36,8 +48,9 @@ def _workdir(name: str) -> Path:
 
 
 @task
-def resolve_config(path: str, overrides: str) -> FinetuneConfig:
-    """Load and validate the config first: a typo fails here, before any data moves or GPU starts."""
+def resolve_config(path: str, overrides: str, preset: str) -> FinetuneConfig:
+    """Load and validate the config and the preset first: a typo fails here, before any data moves or GPU starts."""
+    load_preset(preset)
     return load_config(path, parse_overrides(overrides))
 
 
@@ -71,15 +84,10 @@ def prepare(raw_uri: str, cfg: FinetuneConfig) -> FlyteDirectory:
     return FlyteDirectory(str(out))
 
 
-@task(
-    requests=Resources(cpu="2", mem="8Gi"),
-    enable_deck=True,
-    # Preemptible nodes; a preempted attempt continues from the run's newest checkpoint.
-    interruptible=True,
-    retries=3,
-    timeout=timedelta(hours=12),
-)
-def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str]) -> FlyteDirectory:
+def _train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str], preset: str) -> FlyteDirectory:
+    gpus = load_preset(preset).gpus
+    if gpus and not torch.cuda.is_available():
+        log.warning("preset %s asks for %d GPU(s) but none is visible: training on CPU", preset, gpus)
     out = _workdir("model")
     checkpoint_dir = run_checkpoint_dir(cfg, _run_id())
     try:
@@ -90,6 +98,45 @@ def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[s
         raise FlyteRecoverableException(str(e)) from e
     Deck("Training", decks.training_history(result.history))
     return FlyteDirectory(str(out))
+
+
+# Defaults for a direct call; a preset replaces every one of them (tasks/presets.py).
+TRAIN_TASK = dict(
+    requests=Resources(cpu="2", mem="8Gi"),
+    enable_deck=True,
+    # Preemptible nodes; a preempted attempt continues from the run's newest checkpoint.
+    interruptible=True,
+    retries=3,
+    timeout=timedelta(hours=12),
+)
+
+
+@task(**TRAIN_TASK)
+def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str], preset: str) -> FlyteDirectory:
+    """One process: CPU or one GPU."""
+    return _train(prepared, cfg, resume_from, preset)
+
+
+# With nnodes=1 the Elastic plugin runs torch elastic inside a plain pod (no training operator) and
+# serialises no process count: the pod re-imports this module, so the preset's pod template
+# carries the count in the environment. A local run (no pod template) uses the variable if set, else 2.
+# increase_shared_mem is the plugin's deprecated /dev/shm path; presets set shared_memory instead.
+@task(task_config=Elastic(nnodes=1, nproc_per_node=int(os.environ.get(PROCESSES_ENV, "2")), increase_shared_mem=False),
+      **TRAIN_TASK)
+def train_distributed(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str],
+                      preset: str) -> FlyteDirectory:
+    """Data-parallel: one process per GPU under torchrun (DDP; NCCL on GPUs, gloo on CPU)."""
+    return _train(prepared, cfg, resume_from, preset)
+
+
+@dynamic
+def train_on_preset(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str],
+                    preset: str) -> FlyteDirectory:
+    """Apply the hardware preset: the only place resources, accelerator and placement are set."""
+    chosen = load_preset(preset)
+    training_task = train_distributed if chosen.distributed else train
+    return training_task(prepared=prepared, cfg=cfg, resume_from=resume_from, preset=preset).with_overrides(
+        node_name=f"train-{chosen.name}", **presets.overrides(chosen))
 
 
 @task(enable_deck=True)

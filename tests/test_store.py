@@ -72,8 +72,12 @@ def test_missing_store(tmp_path):
 def test_epoch_order_resumes_and_shards():
     full = list(EpochBatchSampler(50, 8, seed=5, epoch=2))
     assert list(EpochBatchSampler(50, 8, seed=5, epoch=2, start_batch=3)) == full[3:]
+    # Each rank takes its slice of every global batch: a step sees the same examples at any world size.
     ranks = [list(EpochBatchSampler(50, 8, seed=5, epoch=2, rank=r, world_size=2)) for r in range(2)]
-    assert ranks[0] == full[0::2] and ranks[1] == full[1::2]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == full
+    assert list(EpochBatchSampler(50, 8, seed=5, epoch=2, rank=1, world_size=2, start_batch=3)) == ranks[1][3:]
+    # 50 = 6 x 8 + 2: the last batch of 2 splits across 2 ranks, but not across 4.
+    assert len(EpochBatchSampler(50, 8, seed=5, epoch=2, world_size=4)) == 6
     assert sorted(i for b in full for i in b) == list(range(50))
     assert full != list(EpochBatchSampler(50, 8, seed=5, epoch=3))
 

@@ -1,0 +1,131 @@
+"""Hardware presets: the pod a training run asks for, by name (`cpu`, `t4`, `a100`, `a100x4`, ...).
+
+A preset is a YAML file under `configs/presets/`, loaded and checked here (no Flyte import);
+`tasks/presets.py` turns it into the one `with_overrides(...)` call on the training task.
+Spot placement is deliberately not a preset field: `interruptible` sends a task to spot nodes
+through the platform's propeller settings (see configs/flyte/), so Flyte can still run the last
+attempt on demand. A spot node selector in a pod template would pin every attempt to spot.
+"""
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from flytetune.config import ConfigError, build
+
+PRESETS_DIR = Path("configs/presets")
+
+# GKE's names for its GPUs (the `cloud.google.com/gke-accelerator` node label). Where flytekit's
+# constants differ (its H100 says `nvidia-h100`), the GKE name is what the node selector must match.
+GKE_ACCELERATORS = (
+    "nvidia-tesla-t4",
+    "nvidia-l4",
+    "nvidia-tesla-v100",
+    "nvidia-tesla-p100",
+    "nvidia-tesla-p4",
+    "nvidia-tesla-a100",
+    "nvidia-a100-80gb",
+    "nvidia-h100-80gb",
+    "nvidia-h100-mega-80gb",
+    "nvidia-h200-141gb",
+)
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+
+
+@dataclass
+class ResourceSpec:
+    cpu: str = "1"
+    mem: str = "4Gi"
+    gpu: int = 0
+    ephemeral_storage: str = "20Gi"
+
+
+@dataclass
+class Preset:
+    name: str = ""
+    description: str = ""
+    requests: ResourceSpec = field(default_factory=ResourceSpec)
+    limits: ResourceSpec = field(default_factory=ResourceSpec)
+    # GKE accelerator name; required when GPUs are requested.
+    accelerator: Optional[str] = None
+    interruptible: bool = True
+    retries: int = 3
+    timeout_hours: float = 12.0
+    # Size of the memory-backed /dev/shm for DataLoader workers and NCCL; counts against `limits.mem`.
+    shared_memory: Optional[str] = None
+    # Training processes in the pod (torchrun, one per GPU); > 1 means data-parallel training.
+    processes_per_node: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> int:
+        return self.limits.gpu
+
+    @property
+    def distributed(self) -> bool:
+        return self.processes_per_node > 1
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> Preset:
+    """Load `configs/presets/<name>.yaml` (or a YAML path) and check it; ConfigError names the key."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = available()
+        hint = difflib.get_close_matches(name, known, n=1)
+        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+        raise ConfigError(f"preset {name!r}: not found in {PRESETS_DIR}/{suggestion}; available: {', '.join(known)}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or "name" in raw:
+        raise ConfigError(f"{path}: expected a mapping of preset fields (the name is the file name)")
+    try:
+        preset = build(Preset, {**raw, "name": path.stem})
+        _validate(preset)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return preset
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _validate(p: Preset) -> None:
+    for side in ("requests", "limits"):
+        spec: ResourceSpec = getattr(p, side)
+        for key in ("cpu", "mem", "ephemeral_storage"):
+            value = getattr(spec, key)
+            _check(bool(_QUANTITY.match(value)), f"{side}.{key}",
+                   f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 16Gi)")
+        _check(spec.gpu >= 0, f"{side}.gpu", "must be >= 0")
+    # Kubernetes accepts extended resources only with requests equal to limits.
+    _check(p.requests.gpu == p.limits.gpu, "requests.gpu", f"must equal limits.gpu ({p.limits.gpu})")
+    if p.gpus:
+        _check(p.accelerator is not None, "accelerator",
+               f"required with {p.gpus} GPU(s); one of {', '.join(GKE_ACCELERATORS)}")
+    else:
+        _check(p.accelerator is None, "accelerator", "set, but no GPU is requested (limits.gpu is 0)")
+    if p.accelerator is not None and p.accelerator not in GKE_ACCELERATORS:
+        hint = difflib.get_close_matches(p.accelerator, GKE_ACCELERATORS, n=1)
+        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+        raise ConfigError(f"accelerator: {p.accelerator!r} is not a GKE accelerator name{suggestion}")
+    _check(p.processes_per_node >= 1, "processes_per_node", "must be >= 1")
+    if p.gpus:
+        _check(p.processes_per_node <= p.gpus, "processes_per_node", f"must not exceed the {p.gpus} GPU(s) requested")
+    _check(0 <= p.retries <= 10, "retries", "must be between 0 and 10")
+    _check(p.timeout_hours > 0, "timeout_hours", "must be positive")
+    if p.shared_memory is not None:
+        _check(bool(_QUANTITY.match(p.shared_memory)), "shared_memory",
+               f"{p.shared_memory!r} is not a size (e.g. 16Gi)")

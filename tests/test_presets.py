@@ -1,0 +1,207 @@
+"""Presets, checked on what a cluster receives: `pyflyte package` protobufs and the dynamic job spec.
+
+The training node's resources come from the preset at run time (a @dynamic applies
+`with_overrides`), so the per-preset checks read the DynamicJobSpec that the dynamic task hands
+to propeller, produced by flytekit's own serialisation.
+"""
+
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from flyteidl.admin import launch_plan_pb2, task_pb2
+from flyteidl.core import dynamic_job_pb2
+
+from flytetune.config import ConfigError, FinetuneConfig
+from flytetune.presets import GKE_ACCELERATORS, available, load_preset
+from tests.conftest import REPO
+
+IMAGE = "europe-docker.pkg.dev/acme/ml/flytetune:0123abc"
+PRESETS = ["a100", "a100-80gb", "a100x4", "cpu", "h100x8", "t4"]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(in_repo):
+    """Presets are found relative to the project root, as in `make` and in the image."""
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("pkg") / "pkg.tgz"
+    pyflyte = str(Path(sys.executable).parent / "pyflyte")
+    subprocess.run([pyflyte, "--pkgs", "workflows", "package", "--image", IMAGE, "-o", str(out), "--force"],
+                   cwd=REPO, check=True, capture_output=True)
+    with tarfile.open(out) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def task_spec(package: dict[str, bytes], name: str) -> task_pb2.TaskSpec:
+    (blob,) = [b for n, b in package.items() if n.endswith(f"_tasks.finetune.{name}_1.pb")]
+    spec = task_pb2.TaskSpec()
+    spec.ParseFromString(blob)
+    return spec
+
+
+def compile_training_node(preset: str) -> dynamic_job_pb2.DynamicJobSpec:
+    """What the `train_on_preset` pod returns to propeller for this preset."""
+    from flytekit.configuration import ImageConfig, SerializationSettings
+    from flytekit.core.context_manager import ExecutionState, FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+    from flytekit.types.directory import FlyteDirectory
+
+    from tasks.finetune import train_on_preset
+
+    # flytekit compiles a dynamic's body once per process (a pod runs it once); compile afresh here.
+    train_on_preset._wf = None
+    settings = SerializationSettings(image_config=ImageConfig.auto(img_name=IMAGE))
+    ctx = FlyteContextManager.current_context()
+    with FlyteContextManager.with_context(ctx.with_serialization_settings(settings)) as ctx:
+        mode = ctx.execution_state.with_params(mode=ExecutionState.Mode.TASK_EXECUTION)
+        with FlyteContextManager.with_context(ctx.with_execution_state(mode)) as ctx:
+            inputs = TypeEngine.dict_to_literal_map(
+                ctx, {"prepared": FlyteDirectory("gs://bucket/prepared"), "cfg": FinetuneConfig(),
+                      "resume_from": None, "preset": preset},
+                type_hints={"prepared": FlyteDirectory, "cfg": FinetuneConfig, "resume_from": Optional[str],
+                            "preset": str})
+            return train_on_preset.dispatch_execute(ctx, inputs).to_flyte_idl()
+
+
+def resources(entries) -> dict[str, str]:
+    names = {1: "cpu", 2: "gpu", 3: "mem", 4: "storage", 5: "ephemeral_storage"}
+    return {names[e.name]: e.value for e in entries}
+
+
+def test_every_preset_loads():
+    assert available() == PRESETS
+    for name in PRESETS:
+        preset = load_preset(name)
+        assert preset.name == name
+        assert (preset.accelerator is None) == (preset.gpus == 0)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_reaches_the_cluster_as_written(name):
+    preset = load_preset(name)
+    spec = compile_training_node(name)
+    (node,) = spec.nodes
+    (task,) = spec.tasks
+
+    # The one training task (or its data-parallel twin), in the release image.
+    assert task.id.name == ("tasks.finetune.train_distributed" if preset.distributed
+                                     else "tasks.finetune.train")
+    assert task.container.image == IMAGE
+    assert node.id == f"train-{name}"
+
+    overrides = node.task_node.overrides
+    requests, limits = resources(overrides.resources.requests), resources(overrides.resources.limits)
+    assert requests["cpu"] == preset.requests.cpu and limits["cpu"] == preset.limits.cpu
+    assert requests["mem"] == preset.requests.mem and limits["mem"] == preset.limits.mem
+    assert requests["ephemeral_storage"] == preset.requests.ephemeral_storage
+    assert requests.get("gpu") == limits.get("gpu") == (str(preset.gpus) if preset.gpus else None)
+    extended = overrides.extended_resources
+    assert extended.gpu_accelerator.device == (preset.accelerator or "")
+    assert extended.shared_memory.size_limit == preset.shared_memory
+    assert extended.shared_memory.mount_path == "/dev/shm"
+
+    assert node.metadata.interruptible is True
+    assert node.metadata.retries.retries == preset.retries
+    assert node.metadata.timeout.seconds == int(preset.timeout_hours * 3600)
+
+    template = overrides.pod_template
+    assert template.primary_container_name == "primary"
+    assert dict(template.metadata.labels) == preset.labels
+    pod_spec = dict(template.pod_spec)
+    # Spot placement is the platform's job (interruptible): no selector may pin the last attempt to spot.
+    assert "nodeSelector" not in pod_spec and "affinity" not in pod_spec
+    assert "gke-spot" not in str(template) and "gke-preemptible" not in str(template)
+    (container,) = pod_spec["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FLYTETUNE_PROCESSES_PER_NODE"] == str(preset.processes_per_node)
+
+
+def test_multi_gpu_preset_runs_one_process_per_gpu():
+    preset = load_preset("a100x4")
+    assert preset.distributed and preset.processes_per_node == preset.gpus == 4
+    from tasks.finetune import train_distributed
+
+    # nnodes=1: a plain pod running torch elastic; the plugin serialises it as a python-task.
+    assert train_distributed.task_config.nnodes == 1
+    assert train_distributed.task_type == "python-task"
+
+
+def test_gke_accelerator_names_not_flytekit_h100():
+    from flytekit.extras import accelerators
+
+    from tasks.presets import accelerator
+
+    assert accelerators.H100.to_flyte_idl().device == "nvidia-h100"  # flytekit's name: no GKE node has it
+    assert accelerator("nvidia-h100-80gb").to_flyte_idl().device == "nvidia-h100-80gb"
+    assert accelerator("nvidia-tesla-t4") is accelerators.T4
+    assert accelerator("nvidia-a100-80gb") is accelerators.A100_80GB
+    assert "nvidia-h100" not in GKE_ACCELERATORS
+
+
+def test_static_task_specs(package):
+    for name in ("train", "train_distributed"):
+        spec = task_spec(package, name)
+        assert spec.template.metadata.interruptible is True
+        assert spec.template.metadata.retries.retries == 3
+        assert spec.template.metadata.timeout.seconds == 12 * 3600
+        assert spec.template.container.image == IMAGE
+    # Everything before training runs on small, on-demand CPU pods.
+    for name in ("resolve_config", "copy_dataset", "prepare", "train_on_preset"):
+        template = task_spec(package, name).template
+        assert not template.metadata.interruptible
+        assert not template.HasField("extended_resources") or not template.extended_resources.gpu_accelerator.device
+
+
+def test_launch_plans_pin_their_preset(package):
+    plans = {}
+    for name, blob in package.items():
+        if name.endswith("_3.pb") and "finetune_" in name and "workflows." not in name:
+            plan = launch_plan_pb2.LaunchPlan()
+            plan.ParseFromString(blob)
+            plans[plan.id.name] = plan.spec
+    assert set(plans) == {"finetune_weekly_a100", "finetune_debug_t4"}
+    weekly = plans["finetune_weekly_a100"]
+    assert weekly.entity_metadata.schedule.cron_schedule.schedule == "0 3 * * 1"
+    assert weekly.fixed_inputs.literals["preset"].scalar.primitive.string_value == "a100"
+    assert plans["finetune_debug_t4"].fixed_inputs.literals["preset"].scalar.primitive.string_value == "t4"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("requests: {gpu: 1}\nlimits: {gpu: 2}\naccelerator: nvidia-tesla-t4\n", "requests.gpu: must equal limits.gpu"),
+    ("requests: {gpu: 1}\nlimits: {gpu: 1}\naccelerator: nvidia-h100\n", "did you mean nvidia-h100"),
+    ("requests: {gpu: 1}\nlimits: {gpu: 1}\n", "accelerator: required"),
+    ("limits: {mem: lots}\n", "limits.mem: 'lots' is not a Kubernetes quantity"),
+    ("requests: {gpu: 2}\nlimits: {gpu: 2}\naccelerator: nvidia-l4\nprocesses_per_node: 4\n",
+     "processes_per_node: must not exceed the 2 GPU(s)"),
+    ("retrys: 3\n", "retrys: unknown key (did you mean retries?)"),
+    ("node_selector: {cloud.google.com/gke-spot: 'true'}\n", "node_selector: unknown key"),
+])
+def test_bad_preset_names_the_key(tmp_path, text, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(problem)) as e:
+        load_preset(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_unknown_preset_suggests_one():
+    with pytest.raises(ConfigError, match=r"preset 'a10': not found .*did you mean a100\?"):
+        load_preset("a10")
+
+
+def test_gpu_preset_runs_on_cpu_with_a_notice(tmp_path):
+    pyflyte = str(Path(sys.executable).parent / "pyflyte")
+    done = subprocess.run([pyflyte, "run", "workflows/finetune.py", "finetune", "--config", "configs/tiny.yaml",
+                           "--overrides", "train.max_steps=2 checkpoint.uri=null", "--output_uri", str(tmp_path),
+                           "--preset", "t4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert output.count("preset t4 asks for 1 GPU(s) but none is visible: training on CPU") == 1
+    assert "Published(" in output
