@@ -36,7 +36,10 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 def _run_id() -> str:
     """The execution id, not the attempt: every retry of a run sees every earlier attempt's checkpoints."""
-    name = current_context().execution_id.name
+    # torch elastic's workers get an empty context; the plugin passes the execution id as the rendezvous run id.
+    name = current_context().execution_id.name or os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if not name:
+        raise RuntimeError("no Flyte execution id: cannot name the run's checkpoint prefix")
     # Local executions are all named "local" and are never retried: each is a run of its own.
     return artifacts.new_version() if name == "local" else name
 

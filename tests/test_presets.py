@@ -205,3 +205,18 @@ def test_gpu_preset_runs_on_cpu_with_a_notice(tmp_path):
     assert done.returncode == 0, output
     assert output.count("preset t4 asks for 1 GPU(s) but none is visible: training on CPU") == 1
     assert "Published(" in output
+
+
+def test_multi_gpu_preset_runs_data_parallel_locally(tmp_path):
+    """Elastic starts 2 CPU processes locally (no pod template); rank 0 checkpoints under the run's prefix."""
+    pyflyte = str(Path(sys.executable).parent / "pyflyte")
+    done = subprocess.run([pyflyte, "run", "workflows/finetune.py", "finetune", "--config", "configs/tiny.yaml",
+                           "--overrides", f"train.max_steps=4 checkpoint.uri={tmp_path / 'ckpt'} checkpoint.keep=5",
+                           "--output_uri", str(tmp_path / "out"), "--preset", "a100x4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert output.count("preset a100x4 asks for 4 GPU(s) but none is visible: training on CPU") == 2
+    (run,) = (tmp_path / "ckpt").iterdir()
+    assert run.name != "" and [p.name for p in run.iterdir()] == ["step-000004"]
+    assert "Published(" in output
