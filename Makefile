@@ -2,20 +2,23 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Reinstall only when the declared dependencies change.
+# Reinstall only when the locked dependencies change.
 STAMP := $(VENV)/.installed
+LOCKS := requirements/lock.txt requirements/lock-dev.txt
 # The backbone ships in a package; nothing may be fetched from a model hub at run time.
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint package clean
+.PHONY: setup run test lint package lock lock-check clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The same exact versions as the images (docker/Dockerfile); the project itself without deps.
+$(STAMP): pyproject.toml $(LOCKS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/lock-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
 run: $(STAMP)
@@ -29,8 +32,21 @@ IMAGE ?= flytetune:dev
 package: $(STAMP)
 	$(BIN)/pyflyte --pkgs workflows package --image $(IMAGE) -o flyte-package.tgz --force
 
+# Regenerate the lock files from pyproject.toml.
+lock:
+	PYTHON=$(PYTHON) requirements/lock.sh
+
+# The runtime lock alone installs into a fresh venv and is consistent (CI runs this).
+lock-check:
+	@rm -rf .lock-check && $(PYTHON) -m venv .lock-check
+	.lock-check/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	.lock-check/bin/python -m pip install --quiet --disable-pip-version-check --no-deps .
+	.lock-check/bin/python -m pip check
+	cd /tmp && $(CURDIR)/.lock-check/bin/python -c "import flytetune.train, flytetune.storage, torch, transformers, flytekit; print('lock ok')"
+	rm -rf .lock-check
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) artifacts checkpoints flyte-package.tgz .pytest_cache .ruff_cache
+	rm -rf $(VENV) .lock-check artifacts checkpoints flyte-package.tgz .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from flytetune import storage
+from flytetune.naming import branch_tag
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -26,9 +27,12 @@ def join(uri: str, *parts: str) -> str:
 
 
 def new_version(now: dt.datetime | None = None) -> str:
-    """Sortable and unique enough for concurrent runs: UTC time plus 4 random hex digits."""
+    """Sortable and unique enough for concurrent runs: UTC time plus 4 random hex digits, then the
+    branch and commit when the code runs from a CI-built image."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{now:%Y%m%dT%H%M%SZ}-{os.urandom(2).hex()}"
+    version = f"{now:%Y%m%dT%H%M%SZ}-{os.urandom(2).hex()}"
+    tag = branch_tag()
+    return f"{version}-{tag}" if tag else version
 
 
 def code_version() -> str | None:

@@ -71,3 +71,14 @@ def test_code_version_from_image_stamp(monkeypatch):
     monkeypatch.setenv("FLYTETUNE_CODE_VERSION", "abc123")
     assert artifacts.code_version() == "abc123"
     assert json.dumps(artifacts.code_version())
+
+
+def test_branch_aware_versions(monkeypatch):
+    from flytetune.naming import sanitise_branch
+
+    assert sanitise_branch("Feature/ABC_12--x") == "feature-abc-12-x"
+    assert sanitise_branch("dependabot/pip/" + "x" * 60) == "dependabot-pip-" + "x" * 25
+    assert sanitise_branch("///") == "detached"
+    monkeypatch.setenv("FLYTETUNE_BRANCH", "Feature/Tokenizer")
+    monkeypatch.setenv("FLYTETUNE_CODE_VERSION", "0123abcdef")
+    assert artifacts.new_version().endswith("-feature-tokenizer-0123abc")
