@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate requirements/lock.txt and lock-dev.txt from pyproject.toml in throwaway venvs.
 set -euo pipefail
+export LC_ALL=C  # one collation for sort and comm
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 tmp="$(mktemp -d)"
@@ -8,12 +9,12 @@ trap 'rm -rf "$tmp"' EXIT
 
 "$python" -m venv "$tmp/rt"
 "$tmp/rt/bin/pip" install --quiet --disable-pip-version-check .
-"$tmp/rt/bin/pip" freeze --exclude flytetune | sed 's/^torch==\(.*\)+cpu$/torch==\1/' | sort -f > "$tmp/rt.txt"
+"$tmp/rt/bin/pip" freeze --exclude flytetune | sed 's/^torch==\(.*\)+cpu$/torch==\1/' | sort > "$tmp/rt.txt"
 "$tmp/rt/bin/pip" install --quiet --disable-pip-version-check '.[dev]'
-"$tmp/rt/bin/pip" freeze --exclude flytetune | sed 's/^torch==\(.*\)+cpu$/torch==\1/' | sort -f > "$tmp/all.txt"
+"$tmp/rt/bin/pip" freeze --exclude flytetune | sed 's/^torch==\(.*\)+cpu$/torch==\1/' | sort > "$tmp/all.txt"
 
 {
-  sed -n '1,/^$/p' requirements/lock.txt | sed '$d'
+  sed -n '1,/^$/p' requirements/lock.txt
   cat "$tmp/rt.txt"
 } > "$tmp/lock.txt"
 {
