@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flytetune import storage
 from flytetune.naming import branch_tag
+from flytetune.storage.checksums import file_sha256
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -51,14 +52,6 @@ def code_version() -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict, config: dict,
             data_meta: dict, version: str | None = None) -> str:
     """Upload the model folder with its metrics and lineage; return the run folder URI."""
@@ -73,7 +66,7 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "data_meta.json").write_text(json.dumps(data_meta, indent=2) + "\n")
         files = {
-            path.relative_to(staging).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            path.relative_to(staging).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
             for path in sorted(staging.rglob("*"))
             if path.is_file()
         }

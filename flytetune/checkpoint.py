@@ -17,7 +17,6 @@ Loading uses safetensors and `torch.load(weights_only=True)`: a checkpoint canno
 import concurrent.futures
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import random
@@ -34,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flytetune import storage
+from flytetune.storage.checksums import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +124,6 @@ def capture(model: torch.nn.Module, optimizer, scheduler, scaler, progress: Trai
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_files(snapshot: Snapshot, folder: Path) -> dict:
     """Write the checkpoint files (not the manifest) into `folder`; return the manifest to write."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +131,7 @@ def write_files(snapshot: Snapshot, folder: Path) -> dict:
     torch.save(snapshot.optimizer, folder / "optimizer.pt")
     torch.save(snapshot.rng, folder / "rng.pt")
     (folder / STATE).write_text(json.dumps(snapshot.state, indent=2) + "\n")
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
+    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
     return {"format": FORMAT, "step": snapshot.step, "files": files,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
 
@@ -274,7 +266,7 @@ def load(uri: str) -> Restored:
             raise CheckpointError(f"{uri}: not a complete checkpoint ({e})") from None
         for name, expected in manifest["files"].items():
             storage.copy(f"{uri}/{name}", str(local / name))
-            if _sha256(local / name) != expected["sha256"]:
+            if file_sha256(local / name) != expected["sha256"]:
                 raise CheckpointError(f"{uri}/{name}: checksum does not match {MANIFEST}; checkpoint is corrupt")
         return Restored(
             uri=uri,

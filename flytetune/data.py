@@ -5,7 +5,6 @@ column and example rows (1-based data rows, as a spreadsheet would show them), s
 file fails in the cheap CPU step, long before a GPU is requested.
 """
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -64,16 +63,6 @@ def load_sources(raw_dir: Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{raw_dir}: no {SOURCES}; copy the dataset with copy_dataset first")
     return json.loads(path.read_text())
-
-
-def file_sha256(*paths: Path) -> str:
-    """Content hash of the dataset files, recorded in meta.json and the published manifest."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def read_table(path: Path, name: str | None = None) -> pl.DataFrame:

@@ -17,13 +17,13 @@ from flytetune.data import (
     LABEL,
     TEXT,
     DataError,
-    file_sha256,
     load_sources,
     read_table,
     stratified_split,
     subsample,
     validate,
 )
+from flytetune.storage.checksums import file_sha256
 from flytetune.store import write_store
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ import torch
 
 from flytetune import checkpoint
 from flytetune.checkpoint import CheckpointError, CheckpointWriter, TrainingProgress
+from flytetune.storage.checksums import file_sha256
 
 
 def tiny_training():
@@ -128,7 +129,7 @@ def test_loading_cannot_run_code(tmp_path, monkeypatch):
     folder = tmp_path / "run/step-000005"
     (folder / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": _Exploit()}, protocol=2))
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["optimizer.pt"] = {"sha256": checkpoint._sha256(folder / "optimizer.pt"),
+    manifest["files"]["optimizer.pt"] = {"sha256": file_sha256(folder / "optimizer.pt"),
                                          "bytes": (folder / "optimizer.pt").stat().st_size}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(pickle.UnpicklingError):

@@ -1,4 +1,5 @@
-"""Digests used to verify transfers: CRC32C (what GCS keeps) and MD5 (a single-part S3 ETag)."""
+"""Digests: CRC32C (what GCS keeps) and MD5 (a single-part S3 ETag) to verify transfers; SHA-256 for
+the manifests of datasets, checkpoints and published models."""
 
 import base64
 import hashlib
@@ -69,3 +70,13 @@ def bytes_digest(data: bytes) -> Digest:
     digest = Digest()
     digest.update(data)
     return digest
+
+
+def file_sha256(*paths: Path) -> str:
+    """SHA-256 of the files' bytes, in the order given (one file: that file's hash)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
