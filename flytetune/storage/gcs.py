@@ -8,38 +8,27 @@ Every object carries a CRC32C, which uploads and downloads verify.
 
 import base64
 import os
-import threading
 from pathlib import Path
 
 from flytetune.storage.checksums import Digest, file_digest
+from flytetune.storage.clients import PerProcess
 from flytetune.storage.objects import ObjectInfo
 from flytetune.storage.uri import Location, StorageError
 
-_clients: dict[int, object] = {}
-_lock = threading.Lock()
+
+def _make_client():
+    from google.cloud import storage
+
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT")
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=project or "flytetune", credentials=AnonymousCredentials())
+    return storage.Client(project=project)
 
 
-def client():
-    pid = os.getpid()
-    with _lock:
-        if pid not in _clients:
-            from google.cloud import storage
-
-            project = os.environ.get("GOOGLE_CLOUD_PROJECT")
-            if os.environ.get("STORAGE_EMULATOR_HOST"):
-                from google.auth.credentials import AnonymousCredentials
-
-                made = storage.Client(project=project or "flytetune", credentials=AnonymousCredentials())
-            else:
-                made = storage.Client(project=project)
-            _clients.clear()
-            _clients[pid] = made
-        return _clients[pid]
-
-
-def reset() -> None:
-    with _lock:
-        _clients.clear()
+_client = PerProcess(_make_client)
+client, reset = _client.get, _client.reset
 
 
 def _error(loc: Location, exc: Exception) -> StorageError:

@@ -6,11 +6,10 @@ overrides them. Throttling (503 SlowDown, 429) and connection resets are retried
 adaptive retry mode with backoff.
 """
 
-import os
-import threading
 from pathlib import Path
 
 from flytetune.storage.checksums import CHUNK, Digest, bytes_digest, digest_for
+from flytetune.storage.clients import PerProcess
 from flytetune.storage.objects import ObjectInfo
 from flytetune.storage.uri import Location, StorageError
 
@@ -23,28 +22,17 @@ SINGLE_REQUEST_MAX = 16 << 20
 PART_SIZE = 64 << 20
 IO_CHUNK = 1 << 20
 
-_clients: dict[int, object] = {}
-_lock = threading.Lock()
+def _make_client():
+    import boto3
+    from botocore.config import Config
+
+    config = Config(max_pool_connections=64, retries={"max_attempts": 10, "mode": "adaptive"}, tcp_keepalive=True)
+    return boto3.session.Session().client("s3", config=config)
 
 
-def client():
-    """One client per process, shared by all threads (boto3 clients are thread-safe)."""
-    pid = os.getpid()
-    with _lock:
-        if pid not in _clients:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(max_pool_connections=64, retries={"max_attempts": 10, "mode": "adaptive"},
-                            tcp_keepalive=True)
-            _clients.clear()
-            _clients[pid] = boto3.session.Session().client("s3", config=config)
-        return _clients[pid]
-
-
-def reset() -> None:
-    with _lock:
-        _clients.clear()
+# boto3 clients are thread-safe: the transfer threads of a process share one.
+_client = PerProcess(_make_client)
+client, reset = _client.get, _client.reset
 
 
 def _transfer_config(concurrency: int = 8):
