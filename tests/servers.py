@@ -4,6 +4,7 @@ Clients reach them only through the standard settings, AWS_ENDPOINT_URL and STOR
 exactly as they would reach a real endpoint.
 """
 
+import contextlib
 import itertools
 import os
 import socket
@@ -19,6 +20,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """Set variables for a session-scoped server (monkeypatch is function-scoped), then restore them."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     from moto.server import ThreadedMotoServer
@@ -29,15 +45,9 @@ def s3_server():
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
+    with _environment(env):
+        yield env
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -48,15 +58,9 @@ def gcs_server():
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GOOGLE_CLOUD_PROJECT": "flytetune-test"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
+    with _environment(env):
+        yield env
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture

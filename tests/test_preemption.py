@@ -78,6 +78,14 @@ def resumed_step(output: str) -> int:
     return int(re.search(r"resuming from checkpoint \S+/step-(\d+) at step", output).group(1))
 
 
+def assert_retry_continues(tmp: Path, backbone: Path, step: int, reference: dict) -> None:
+    """Rerun as a retry would: it continues from `step` and ends with the uninterrupted run's weights."""
+    code, output = Training(tmp, backbone).finish()
+    assert code == 0, output
+    assert resumed_step(output) == step
+    assert_same_weights(published_weights(output), reference)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_backbone) -> dict[str, torch.Tensor]:
     """The uninterrupted run, without checkpoints: saving must not change what is trained."""
@@ -95,10 +103,7 @@ def test_sigterm_stops_gracefully_with_a_fresh_checkpoint(tmp_path, reference, t
     stopped = int(re.search(r"preempted at step (\d+)", output).group(1))
     assert stopped >= 6 and complete_steps(tmp_path)[-1] == stopped, "a checkpoint of the very step it stopped at"
 
-    code, output = Training(tmp_path, tiny_backbone).finish()
-    assert code == 0, output
-    assert resumed_step(output) == stopped
-    assert_same_weights(published_weights(output), reference)
+    assert_retry_continues(tmp_path, tiny_backbone, stopped, reference)
 
 
 def test_sigkill_resumes_from_last_periodic_checkpoint(tmp_path, reference, tiny_backbone):
@@ -109,10 +114,7 @@ def test_sigkill_resumes_from_last_periodic_checkpoint(tmp_path, reference, tiny
     newest = complete_steps(tmp_path)[-1]
     assert newest >= 8
 
-    code, output = Training(tmp_path, tiny_backbone).finish()
-    assert code == 0, output
-    assert resumed_step(output) == newest
-    assert_same_weights(published_weights(output), reference)
+    assert_retry_continues(tmp_path, tiny_backbone, newest, reference)
 
 
 def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, tiny_backbone):
@@ -127,10 +129,7 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(tmp_p
     assert folder.exists() and not (folder / "manifest.json").exists(), "killed mid-write"
     assert complete_steps(tmp_path) == [4]
 
-    code, output = Training(tmp_path, tiny_backbone).finish()
-    assert code == 0, output
-    assert resumed_step(output) == 4
-    assert_same_weights(published_weights(output), reference)
+    assert_retry_continues(tmp_path, tiny_backbone, 4, reference)
 
 
 def test_two_kills_in_one_run(tmp_path, reference, tiny_backbone):
@@ -148,10 +147,7 @@ def test_two_kills_in_one_run(tmp_path, reference, tiny_backbone):
     after_second = complete_steps(tmp_path)[-1]
     assert after_second > after_first
 
-    code, output = Training(tmp_path, tiny_backbone).finish()
-    assert code == 0, output
-    assert resumed_step(output) == after_second
-    assert_same_weights(published_weights(output), reference)
+    assert_retry_continues(tmp_path, tiny_backbone, after_second, reference)
 
 
 def test_attempts_share_the_run_prefix(tmp_path, reference, tiny_backbone):
