@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flytetune import checkpoint, storage  # noqa: E402
 from flytetune.backbone import resolve_backbone  # noqa: E402
-from flytetune.config import ModelConfig  # noqa: E402
+from flytetune.config import FinetuneConfig, ModelConfig  # noqa: E402
+from flytetune.train import build_optimizer, train_step  # noqa: E402
 
 LABELS = 17
 BATCH, SEQ = 16, 64
@@ -52,24 +53,19 @@ def bert_base():
 
 
 def build(factory, device: torch.device):
-    from transformers import get_linear_schedule_with_warmup
-
+    """Model, optimizer and scheduler exactly as `flytetune.train` builds them."""
     torch.manual_seed(0)
     model = factory().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 10, 1000)
+    optimizer, scheduler = build_optimizer(model, FinetuneConfig(), total_steps=1000)
     return model, optimizer, scheduler
 
 
 def step(model, optimizer, scheduler, device: torch.device) -> None:
     vocab = model.config.vocab_size
-    batch = {"input_ids": torch.randint(0, vocab, (BATCH, SEQ), device=device),
-             "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long, device=device),
-             "labels": torch.randint(0, LABELS, (BATCH,), device=device)}
-    model(**batch).loss.backward()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    batch = {"input_ids": torch.randint(0, vocab, (BATCH, SEQ)),
+             "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+             "labels": torch.randint(0, LABELS, (BATCH,))}
+    train_step(model, optimizer, scheduler, batch, device, FinetuneConfig().train.max_grad_norm)
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -100,10 +96,7 @@ def measure(name: str, factory, uri: str, repeats: int, device: torch.device) ->
     model, optimizer, scheduler = build(factory, device)
     built = time.perf_counter()
     restored = checkpoint.load(checkpoint.latest(uri))
-    model.load_state_dict(restored.model)
-    optimizer.load_state_dict(restored.optimizer["optimizer"])
-    scheduler.load_state_dict(restored.optimizer["scheduler"])
-    checkpoint.set_rng_state(restored.rng)
+    checkpoint.restore_into(restored, model, optimizer, scheduler)
     loaded = time.perf_counter()
     step(model, optimizer, scheduler, device)
     done = time.perf_counter()

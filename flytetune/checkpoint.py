@@ -277,6 +277,16 @@ def load(uri: str) -> Restored:
         )
 
 
+def restore_into(restored: Restored, model: torch.nn.Module, optimizer, scheduler) -> TrainingProgress:
+    """The inverse of `capture`: load a checkpoint into a freshly built model, optimizer and scheduler,
+    restore every RNG, and return where training stood."""
+    model.load_state_dict(restored.model)
+    optimizer.load_state_dict(restored.optimizer["optimizer"])
+    scheduler.load_state_dict(restored.optimizer["scheduler"])
+    set_rng_state(restored.rng)
+    return restored.progress
+
+
 def check_compatible(restored: Restored, expected: dict[str, Any]) -> None:
     """Fail, naming the fields, when the checkpoint was made for another model shape or label map."""
     saved = restored.state.get("compat", {})

@@ -125,11 +125,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     if source:
         restored = checkpoint.load(source)
         checkpoint.check_compatible(restored, compat_fields(cfg, meta))
-        model.load_state_dict(restored.model)
-        optimizer.load_state_dict(restored.optimizer["optimizer"])
-        scheduler.load_state_dict(restored.optimizer["scheduler"])
-        checkpoint.set_rng_state(restored.rng)
-        progress = restored.progress
+        progress = checkpoint.restore_into(restored, model, optimizer, scheduler)
         log.info("resuming from checkpoint %s at step %d (epoch %d, batch %d)",
                  source, progress.global_step, progress.epoch, progress.batch_in_epoch)
     log.info("training %s on %s: %d examples, %d steps (%d per epoch), device %s",
