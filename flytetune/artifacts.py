@@ -27,6 +27,11 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def summary(metrics: dict) -> dict:
+    """The headline test metrics a run reports (the full set is in metrics.json)."""
+    return {k: metrics[k] for k in ("split", "n_examples", "accuracy", "macro_f1")}
+
+
 def new_version(now: dt.datetime | None = None) -> str:
     """Sortable and unique enough for concurrent runs: UTC time plus 4 random hex digits, then the
     branch and commit when the code runs from a CI-built image."""

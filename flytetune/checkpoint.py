@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import logging
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -33,19 +32,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flytetune import storage
+
+# Finding checkpoints needs no torch (the config checks run in the light image); re-exported here.
+from flytetune.checkpoint_paths import (  # noqa: F401
+    MANIFEST,
+    CheckpointError,
+    complete_checkpoints,
+    latest,
+    resolve,
+    resolve_resume,
+)
 from flytetune.storage.checksums import file_sha256
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 FORMAT = 1
-_STEP_DIR = re.compile(r"(?:^|/)step-(\d{6,})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt, or does not fit the run."""
-
 
 @dataclass
 class TrainingProgress:
@@ -192,54 +194,6 @@ class CheckpointWriter:
         complete = sorted(complete_checkpoints(self.uri))
         for step in complete[:-self.keep]:
             storage.remove(f"{self.uri}/{step_name(step)}")
-
-
-def complete_checkpoints(uri: str) -> dict[int, str]:
-    """Step number -> folder URI of every checkpoint under `uri` (one level) that has a manifest."""
-    uri = uri.rstrip("/")
-    found = {}
-    for obj in storage.ls(uri):
-        folder, _, name = obj.rpartition("/")
-        match = _STEP_DIR.search(folder)
-        if name == MANIFEST and match and folder.rpartition("/")[0] == uri:
-            found[int(match.group(1))] = folder
-    return found
-
-
-def latest(uri: str) -> str | None:
-    """The newest complete checkpoint folder under a run prefix, or None."""
-    found = complete_checkpoints(uri)
-    return found[max(found)] if found else None
-
-
-def resolve(spec: str, base_uri: str | None) -> str:
-    """Turn `--from_checkpoint` (`latest`, a step folder or a run prefix) into a step folder URI.
-
-    `latest` means the most recently written complete checkpoint under `base_uri`, across runs.
-    Raises CheckpointError when nothing complete is there.
-    """
-    if spec == "latest":
-        if not base_uri:
-            raise CheckpointError("--from_checkpoint latest: no checkpoint.uri is configured to search")
-        newest: tuple[str, str] | None = None
-        for obj in storage.ls(base_uri):
-            folder, _, name = obj.rpartition("/")
-            if name == MANIFEST and _STEP_DIR.search(folder):
-                created = json.loads(storage.read_bytes(obj))["created_at"]
-                if newest is None or created > newest[0]:
-                    newest = (created, folder)
-        if newest is None:
-            raise CheckpointError(f"--from_checkpoint latest: no complete checkpoint under {base_uri}")
-        return newest[1]
-    spec = spec.rstrip("/")
-    if _STEP_DIR.search(spec):
-        if not storage.exists(f"{spec}/{MANIFEST}"):
-            raise CheckpointError(f"--from_checkpoint {spec}: not a complete checkpoint (no {MANIFEST})")
-        return spec
-    found = latest(spec)
-    if found is None:
-        raise CheckpointError(f"--from_checkpoint {spec}: no complete checkpoint (step-*/{MANIFEST}) there")
-    return found
 
 
 @dataclass

@@ -5,8 +5,10 @@ rejects unknown keys and bad values with a message naming the key. The resulting
 `FinetuneConfig` is what the library functions, the CLI and the Flyte workflow all pass around.
 """
 
+import copy
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -17,6 +19,9 @@ from typing import Any, Optional, Union
 import yaml
 
 DEFAULT_CONFIG_PATH = "configs/local.yaml"
+# A location chosen by where the run is: a local folder on this machine, object storage on a cluster
+# (flytetune/locations.py). Used by checkpoint.uri and the workflow's output_uri.
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -102,9 +107,9 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Durable prefix (s3://, gs://, a local folder). A run writes under <uri>/<run id>/, shared by
-    # all attempts of that run; None disables checkpoints.
-    uri: Optional[str] = None
+    # Durable prefix (s3://, gs://, a local folder, or `auto`). A run writes under <uri>/<run id>/,
+    # shared by all attempts of that run; None disables checkpoints.
+    uri: Optional[str] = AUTO
     # Save every N optimizer steps and/or every M minutes, whichever comes first; None disables one.
     every_steps: Optional[int] = 500
     every_minutes: Optional[float] = 15.0
@@ -134,21 +139,33 @@ class FinetuneConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    @classmethod
+    def from_json(cls, text: str) -> "FinetuneConfig":
+        """`pyflyte run ... --config my.yaml` reads the file on the user's machine and builds the workflow's
+        typed input through this (flytekit's JsonParamType): the same checks as load_config, unknown keys too."""
+        values = json.loads(text)
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config: expected a mapping of sections, got {type(values).__name__}")
+        return load_config(values)
+
 
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {problem}")
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> FinetuneConfig:
-    """Build the config from a YAML file (None: built-in defaults) and `key=value` overrides.
+def load_config(path: Optional[Union[str, Path, Mapping]] = None, overrides: Iterable[str] = ()) -> FinetuneConfig:
+    """Build the config from a YAML file, a mapping of sections (a workflow input, already read), or
+    None (built-in defaults), then `key=value` overrides.
 
     Override keys are dotted (`train.epochs=2`) or a bare field name when it is unambiguous
     (`epochs=2`); values are parsed as YAML scalars. Raises ConfigError naming the file and key.
     """
     raw: dict[str, Any] = {}
     source = str(path) if path is not None else "<defaults>"
-    if path is not None:
+    if isinstance(path, Mapping):
+        source, raw = "config", copy.deepcopy(dict(path))
+    elif path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")

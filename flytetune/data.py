@@ -18,6 +18,8 @@ from flytetune.config import DataConfig
 
 log = logging.getLogger(__name__)
 
+# Relative to the project root: valid in a checkout and in the image's working directory.
+DEFAULT_DATASET_URI = "flytetune/sample/transactions.parquet"
 READERS = {
     ".csv": "csv",
     ".parquet": "parquet",

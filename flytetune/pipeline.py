@@ -11,9 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flytetune import artifacts, checkpoint, distributed
-from flytetune.config import DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
-from flytetune.data import DataError, copy_dataset
+from flytetune import artifacts, checkpoint, distributed, locations
+from flytetune.artifacts import summary
+from flytetune.config import AUTO, DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
+from flytetune.data import DEFAULT_DATASET_URI, DataError, copy_dataset
 from flytetune.evaluate import evaluate
 from flytetune.preemption import EXIT_PREEMPTED, Preempted
 from flytetune.prepare import prepare
@@ -22,9 +23,7 @@ from flytetune.train import fit
 
 log = logging.getLogger(__name__)
 
-# Relative to the project root: valid in a checkout and in the image's working directory.
-DEFAULT_DATASET_URI = "flytetune/sample/transactions.parquet"
-DEFAULT_OUTPUT_URI = "artifacts"
+DEFAULT_OUTPUT_URI = AUTO
 # Errors a user can fix by changing an input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, StorageError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError)
 
@@ -32,11 +31,6 @@ USER_ERRORS = (ConfigError, DataError, StorageError, checkpoint.CheckpointError,
 def run_checkpoint_dir(cfg: FinetuneConfig, run_id: str) -> str | None:
     """The run-scoped checkpoint prefix shared by every attempt of one run."""
     return artifacts.join(cfg.checkpoint.uri, run_id) if cfg.checkpoint.uri else None
-
-
-def resolve_resume(cfg: FinetuneConfig, from_checkpoint: str | None) -> str | None:
-    """Check `--from_checkpoint` before any work: it must name a complete checkpoint."""
-    return checkpoint.resolve(from_checkpoint, cfg.checkpoint.uri) if from_checkpoint else None
 
 
 def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri: str = DEFAULT_OUTPUT_URI,
@@ -47,7 +41,8 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     Runs that share `run_id` share a checkpoint prefix: running again after a crash or a
     preemption continues from the newest complete checkpoint.
     """
-    resume_from = resolve_resume(cfg, from_checkpoint)
+    cfg, output_uri = locations.resolve(cfg, output_uri, durable_root=None)
+    resume_from = checkpoint.resolve_resume(cfg, from_checkpoint)
     world = distributed.init()
     # Under torchrun (one node) rank 0 copies, prepares and publishes; every rank trains.
     run_id = distributed.from_main(world, run_id or artifacts.new_version())
@@ -67,16 +62,13 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     return run_uri, metrics
 
 
-def summary(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("split", "n_examples", "accuracy", "macro_f1")}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flytetune.train", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config (default: %(default)s)")
     parser.add_argument("--dataset_uri", default=DEFAULT_DATASET_URI, help="CSV, parquet or JSON lines file")
     parser.add_argument("--test_uri", default=None, help="optional held-out test file")
-    parser.add_argument("--output_uri", default=DEFAULT_OUTPUT_URI, help="where run folders are published")
+    parser.add_argument("--output_uri", default=DEFAULT_OUTPUT_URI, 
+                        help="where run folders are published (auto: artifacts/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     parser.add_argument("--work_dir", type=Path, default=None, help="keep intermediate files here")

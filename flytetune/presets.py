@@ -18,6 +18,8 @@ import yaml
 from flytetune.config import ConfigError, build
 
 PRESETS_DIR = Path("configs/presets")
+# Requests and limits of every task but training (which takes its preset).
+STEP_RESOURCES = Path("configs/resources.yaml")
 
 # GKE's names for its GPUs (the `cloud.google.com/gke-accelerator` node label). Where flytekit's
 # constants differ (its H100 says `nvidia-h100`), the GKE name is what the node selector must match.
@@ -97,12 +99,36 @@ def load_preset(name: str) -> Preset:
     return preset
 
 
+@dataclass
+class StepResources:
+    requests: ResourceSpec = field(default_factory=ResourceSpec)
+    limits: ResourceSpec = field(default_factory=ResourceSpec)
+
+
+def load_step_resources(path: Path = STEP_RESOURCES) -> dict[str, StepResources]:
+    """Task name -> resources, from configs/resources.yaml, checked like a preset's; ConfigError names the key."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of task names")
+    steps = {}
+    for name, values in raw.items():
+        try:
+            steps[name] = build(StepResources, values)
+            _check_quantities(steps[name])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {name}.{e}") from None
+    return steps
+
+
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {problem}")
 
 
-def _validate(p: Preset) -> None:
+def _check_quantities(p: Preset | StepResources) -> None:
     for side in ("requests", "limits"):
         spec: ResourceSpec = getattr(p, side)
         for key in ("cpu", "mem", "ephemeral_storage"):
@@ -110,6 +136,10 @@ def _validate(p: Preset) -> None:
             _check(bool(_QUANTITY.match(value)), f"{side}.{key}",
                    f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 16Gi)")
         _check(spec.gpu >= 0, f"{side}.gpu", "must be >= 0")
+
+
+def _validate(p: Preset) -> None:
+    _check_quantities(p)
     # Kubernetes accepts extended resources only with requests equal to limits.
     _check(p.requests.gpu == p.limits.gpu, "requests.gpu", f"must equal limits.gpu ({p.limits.gpu})")
     if p.gpus:

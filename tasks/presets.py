@@ -2,11 +2,10 @@
 
 from datetime import timedelta
 
-from flytekit import PodTemplate, Resources
 from flytekit.extras import accelerators
-from kubernetes.client import V1Container, V1EnvVar, V1PodSpec
 
 from flytetune.presets import Preset
+from tasks.pods import pod_template, resources
 
 # Read by tasks/finetune.py when the pod imports it: with nnodes=1 the Elastic plugin serialises
 # no process count (the pod just re-imports the task), so the pod template carries it.
@@ -24,26 +23,17 @@ def accelerator(name: str) -> accelerators.BaseAccelerator:
     return _FLYTEKIT_ACCELERATORS.get(name) or accelerators.GPUAccelerator(name)
 
 
-def _resources(spec) -> Resources:
-    return Resources(cpu=spec.cpu, mem=spec.mem, gpu=spec.gpu or None, ephemeral_storage=spec.ephemeral_storage)
-
-
-def pod_template(preset: Preset) -> PodTemplate:
-    """Labels and environment only: no node selector, so spot placement stays with `interruptible`."""
-    env = {**preset.env, PROCESSES_ENV: str(preset.processes_per_node)}
-    container = V1Container(name="primary", env=[V1EnvVar(name=k, value=v) for k, v in sorted(env.items())])
-    return PodTemplate(pod_spec=V1PodSpec(containers=[container]), primary_container_name="primary",
-                       labels=dict(preset.labels))
-
-
 def overrides(preset: Preset) -> dict:
     kwargs = dict(
-        requests=_resources(preset.requests),
-        limits=_resources(preset.limits),
+        requests=resources(preset.requests),
+        limits=resources(preset.limits),
         interruptible=preset.interruptible,
+        # A node's retries of 0 fall back to the task's (propeller's compiler, transformers/k8s/utils.go):
+        # the training tasks declare 0, so a preset's 0 means no retry.
         retries=preset.retries,
         timeout=timedelta(hours=preset.timeout_hours),
-        pod_template=pod_template(preset),
+        # Replaces the task's pod template: keeps the AWS identity, adds the preset's labels and environment.
+        pod_template=pod_template({**preset.env, PROCESSES_ENV: str(preset.processes_per_node)}, dict(preset.labels)),
     )
     if preset.accelerator:
         kwargs["accelerator"] = accelerator(preset.accelerator)

@@ -1,5 +1,8 @@
 import os
 import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "flytetune" / "sample" / "transactions.parquet"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+IMAGE = "europe-docker.pkg.dev/acme/ml/flytetune-train:0123abc"
+LIGHT_IMAGE = "europe-docker.pkg.dev/acme/ml/flytetune-train-light:0123abc"
+
+
+@pytest.fixture(scope="session")
+def package(tmp_path_factory) -> dict[str, bytes]:
+    """`pyflyte package`: every task, workflow and launch plan as the protobufs a cluster receives."""
+    out = tmp_path_factory.mktemp("pkg") / "pkg.tgz"
+    pyflyte = str(Path(sys.executable).parent / "pyflyte")
+    subprocess.run([pyflyte, "--pkgs", "workflows", "package", "--image", IMAGE, "-o", str(out), "--force"],
+                   cwd=REPO, check=True, capture_output=True)
+    with tarfile.open(out) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def task_specs(package: dict[str, bytes]) -> dict:
+    """Task name (`tasks.steps.resolve`) -> TaskSpec."""
+    from flyteidl.admin import task_pb2
+
+    specs = {}
+    for name, blob in package.items():
+        if name.endswith("_1.pb"):
+            spec = task_pb2.TaskSpec()
+            spec.ParseFromString(blob)
+            specs[spec.template.id.name] = spec
+    return specs
+
+
+def primary_container(template) -> dict:
+    """The task's container as the pod will run it (image, args, env, resources in Kubernetes' spelling):
+    the plain container, or the pod template's primary one."""
+    from google.protobuf.json_format import MessageToDict
+
+    if template.HasField("k8s_pod"):
+        containers = MessageToDict(template.k8s_pod.pod_spec)["containers"]
+        (container,) = [c for c in containers if c["name"] == template.k8s_pod.metadata.annotations.get(
+            "primary_container_name", "primary")]
+        return container
+    container = MessageToDict(template.container)
+    container["env"] = [{"name": e.key, "value": e.value} for e in template.container.env]
+    names = {1: "cpu", 2: "nvidia.com/gpu", 3: "memory", 5: "ephemeral-storage"}
+    container["resources"] = {side: {names[e.name]: e.value for e in getattr(template.container.resources, side)}
+                              for side in ("requests", "limits")}
+    return container
 
 
 @pytest.fixture(scope="session")

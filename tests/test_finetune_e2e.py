@@ -17,11 +17,13 @@ pytestmark = pytest.mark.e2e
 def test_workflow_reads_from_s3_and_publishes_to_s3(tmp_path, in_repo, s3_bucket):
     """The whole workflow through flytekit's local execution, with the data on the loopback S3 server."""
     from flytetune import storage
+    from flytetune.config import load_config
     from workflows.finetune import finetune
 
     storage.copy(str(SAMPLE), f"s3://{s3_bucket}/datasets/transactions.parquet")
     out = finetune(dataset_uri=f"s3://{s3_bucket}/datasets/transactions.parquet",
-                   output_uri=f"s3://{s3_bucket}/models", config=str(TINY_CONFIG), overrides="train.max_steps=15")
+                   output_uri=f"s3://{s3_bucket}/models", config=load_config(TINY_CONFIG),
+                   overrides=f"train.max_steps=15 checkpoint.uri={tmp_path / 'ckpt'}")
     run_uri, summary = out.artifacts_uri, out.test_metrics
     assert run_uri.startswith(f"s3://{s3_bucket}/models/txn-categoriser/")
     manifest = artifacts.verify(run_uri)  # every file is present and matches its checksum

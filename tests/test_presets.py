@@ -8,42 +8,23 @@ to propeller, produced by flytekit's own serialisation.
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from typing import Optional
 
 import pytest
-from flyteidl.admin import launch_plan_pb2, task_pb2
+from flyteidl.admin import launch_plan_pb2
 from flyteidl.core import dynamic_job_pb2
 
 from flytetune.config import ConfigError, FinetuneConfig
 from flytetune.presets import GKE_ACCELERATORS, available, load_preset
-from tests.conftest import REPO
+from tests.conftest import IMAGE, REPO, primary_container, task_specs
 
-IMAGE = "europe-docker.pkg.dev/acme/ml/flytetune:0123abc"
 PRESETS = ["a100", "a100-80gb", "a100x4", "cpu", "h100x8", "t4"]
 
 
 @pytest.fixture(autouse=True)
 def _in_repo(in_repo):
     """Presets are found relative to the project root, as in `make` and in the image."""
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory) -> dict[str, bytes]:
-    out = tmp_path_factory.mktemp("pkg") / "pkg.tgz"
-    pyflyte = str(Path(sys.executable).parent / "pyflyte")
-    subprocess.run([pyflyte, "--pkgs", "workflows", "package", "--image", IMAGE, "-o", str(out), "--force"],
-                   cwd=REPO, check=True, capture_output=True)
-    with tarfile.open(out) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-
-
-def task_spec(package: dict[str, bytes], name: str) -> task_pb2.TaskSpec:
-    (blob,) = [b for n, b in package.items() if n.endswith(f"_tasks.finetune.{name}_1.pb")]
-    spec = task_pb2.TaskSpec()
-    spec.ParseFromString(blob)
-    return spec
 
 
 def compile_training_node(preset: str) -> dynamic_job_pb2.DynamicJobSpec:
@@ -93,7 +74,7 @@ def test_preset_reaches_the_cluster_as_written(name):
     # The one training task (or its data-parallel twin), in the release image.
     assert task.id.name == ("tasks.finetune.train_distributed" if preset.distributed
                                      else "tasks.finetune.train")
-    assert task.container.image == IMAGE
+    assert primary_container(task)["image"] == IMAGE
     assert node.id == f"train-{name}"
 
     overrides = node.task_node.overrides
@@ -108,7 +89,7 @@ def test_preset_reaches_the_cluster_as_written(name):
     assert extended.shared_memory.mount_path == "/dev/shm"
 
     assert node.metadata.interruptible is True
-    assert node.metadata.retries.retries == preset.retries
+    assert effective_retries(node, task) == preset.retries
     assert node.metadata.timeout.seconds == int(preset.timeout_hours * 3600)
 
     template = overrides.pod_template
@@ -121,6 +102,24 @@ def test_preset_reaches_the_cluster_as_written(name):
     (container,) = pod_spec["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["FLYTETUNE_PROCESSES_PER_NODE"] == str(preset.processes_per_node)
+    # The preset's template replaces the task's: it must keep the AWS web identity (tasks/pods.py).
+    assert env["AWS_WEB_IDENTITY_TOKEN_FILE"] == "/var/run/secrets/flytetune/aws/token"
+    assert "sts.amazonaws.com" in str(pod_spec["volumes"])
+
+
+def effective_retries(node, task) -> int:
+    """The retries propeller runs a node with: the node's, unless 0, then the task's
+    (flytepropeller/pkg/compiler/transformers/k8s/utils.go, computeRetryStrategy)."""
+    return node.metadata.retries.retries or task.metadata.retries.retries
+
+
+def test_a_preset_can_switch_retries_off(tmp_path):
+    path = tmp_path / "no-retries.yaml"
+    path.write_text((REPO / "configs" / "presets" / "t4.yaml").read_text().replace("retries: 3", "retries: 0"))
+    assert load_preset(str(path)).retries == 0
+    spec = compile_training_node(str(path))
+    (node,), (task,) = spec.nodes, spec.tasks
+    assert effective_retries(node, task) == 0
 
 
 def test_multi_gpu_preset_runs_one_process_per_gpu():
@@ -146,15 +145,17 @@ def test_gke_accelerator_names_not_flytekit_h100():
 
 
 def test_static_task_specs(package):
-    for name in ("train", "train_distributed"):
-        spec = task_spec(package, name)
+    specs = task_specs(package)
+    for name in ("tasks.finetune.train", "tasks.finetune.train_distributed"):
+        spec = specs[name]
         assert spec.template.metadata.interruptible is True
-        assert spec.template.metadata.retries.retries == 3
+        assert spec.template.metadata.retries.retries == 0, "the preset's retries apply (see effective_retries)"
         assert spec.template.metadata.timeout.seconds == 12 * 3600
-        assert spec.template.container.image == IMAGE
-    # Everything before training runs on small, on-demand CPU pods.
-    for name in ("resolve_config", "copy_dataset", "prepare", "train_on_preset"):
-        template = task_spec(package, name).template
+        assert primary_container(spec.template)["image"] == IMAGE
+    # Everything else runs on small, on-demand CPU pods.
+    for name in ("tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare",
+                 "tasks.finetune.train_on_preset", "tasks.finetune.evaluate", "tasks.steps.publish"):
+        template = specs[name].template
         assert not template.metadata.interruptible
         assert not template.HasField("extended_resources") or not template.extended_resources.gpu_accelerator.device
 

@@ -1,15 +1,21 @@
 """Launch plans: named, pre-filled ways to run `finetune`, one of them scheduled.
 
-    pyflyte register workflows --image IMAGE --version VERSION
+    pyflyte register workflows --image IMAGE --version VERSION --copy none
     # then activate the schedule in the UI or with flytectl:
     flytectl update launchplan -p flytetune -d production finetune_weekly_a100 --version VERSION --activate
 
-The S3 locations are the team's defaults; override them per execution like any input.
+The configs are read at registration and travel inside the launch plans. Checkpoints and models
+go to `auto` locations: object storage on the cluster, never the pod's disk (tested).
 """
+
+from pathlib import Path
 
 from flytekit import CronSchedule, LaunchPlan
 
+from flytetune.config import AUTO, load_config
 from workflows.finetune import finetune
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # Every Monday 03:00 UTC: retrain on the newest export, on one preemptible A100, publish to S3.
 finetune_weekly_a100 = LaunchPlan.get_or_create(
@@ -19,15 +25,15 @@ finetune_weekly_a100 = LaunchPlan.get_or_create(
     default_inputs={
         "dataset_uri": "s3://flytetune-data/transactions/latest.parquet",
         "output_uri": "s3://flytetune-artifacts/models",
-        "config": "configs/local.yaml",
+        "config": load_config(CONFIGS / "cluster.yaml"),
     },
     fixed_inputs={"preset": "a100"},
 )
 
-# Debugging on a T4 with the tiny config: minutes, cents.
+# Debugging on a T4 with the tiny config: minutes, cents. Publishes to the cluster's durable bucket.
 finetune_debug_t4 = LaunchPlan.get_or_create(
     finetune,
     name="finetune_debug_t4",
-    default_inputs={"config": "configs/tiny.yaml"},
+    default_inputs={"config": load_config(CONFIGS / "tiny.yaml"), "output_uri": AUTO},
     fixed_inputs={"preset": "t4"},
 )

@@ -45,10 +45,12 @@ def _transfer_config(concurrency: int = 8):
 
 
 def _error(loc: Location, exc: Exception) -> StorageError:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import ClientError, EndpointConnectionError, InvalidConfigError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{loc}: no AWS credentials found (environment, ~/.aws, or the pod's role)")
+    if isinstance(exc, InvalidConfigError):  # e.g. a web identity token file but no AWS_ROLE_ARN; names no secret
+        return StorageError(f"{loc}: AWS credentials are misconfigured: {exc}")
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"{loc}: cannot reach the S3 endpoint")
     if isinstance(exc, ClientError):
@@ -59,7 +61,9 @@ def _error(loc: Location, exc: Exception) -> StorageError:
             return StorageError(f"{loc}: no such object")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return StorageError(f"{loc}: access denied")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+        # The last three come from STS, exchanging a pod's web identity token for the role.
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidIdentityToken",
+                    "IDPRejectedClaim", "ExpiredTokenException"):
             return StorageError(f"{loc}: AWS credentials rejected ({code})")
         return StorageError(f"{loc}: S3 error {code}")
     return StorageError(f"{loc}: {type(exc).__name__}")

@@ -1,0 +1,74 @@
+"""The CPU steps around training: check the inputs, copy, prepare, publish.
+
+No torch is imported here or below: these tasks run in the light image (tasks/pods.py), so their
+pods start without pulling the CUDA build of torch.
+"""
+
+import logging
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from flytekit import task
+from flytekit.types.directory import FlyteDirectory
+
+from flytetune import artifacts, data, locations, storage
+from flytetune import prepare as preparation
+from flytetune.checkpoint_paths import resolve_resume
+from flytetune.config import FinetuneConfig, load_config, parse_overrides
+from flytetune.presets import load_preset
+from tasks.context import durable_root, execution_prefix, workdir
+from tasks.pods import LIGHT_IMAGE, pod_template, step
+
+# flytekit configures only its own logger; without this the library's progress lines vanish.
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class Resolved(NamedTuple):
+    cfg: FinetuneConfig
+    output_uri: str
+    resume_from: Optional[str]
+
+
+# Tasks that may read or write s3:// carry the AWS web identity (tasks/pods.py).
+@task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("resolve"))
+def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str,
+            from_checkpoint: Optional[str]) -> Resolved:
+    """Check everything a user typed before data moves or a GPU starts: config, overrides, preset,
+    where checkpoints and models go (object storage on a cluster), and `--from_checkpoint`."""
+    load_preset(preset)
+    cfg = load_config(config.to_dict(), parse_overrides(overrides))
+    cfg, output_uri = locations.resolve(cfg, output_uri, durable_root())
+    return Resolved(cfg=cfg, output_uri=output_uri, resume_from=resolve_resume(cfg, from_checkpoint))
+
+
+@task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("copy_dataset"))
+def copy_dataset(dataset_uri: str, test_uri: Optional[str]) -> str:
+    """Bring the dataset into the cluster's own cloud with flytetune.storage (verified, parallel),
+    not through Flyte's fsspec transfer; returns the URI of the copy."""
+    raw = workdir("raw")
+    data.copy_dataset(dataset_uri, raw, test_uri=test_uri)
+    dest = execution_prefix("dataset")
+    storage.sync(str(raw), dest)
+    return dest
+
+
+@task(container_image=LIGHT_IMAGE, **step("prepare"))
+def prepare(raw_uri: str, cfg: FinetuneConfig) -> FlyteDirectory:
+    raw, out = workdir("raw"), workdir("prepared")
+    storage.sync(raw_uri, str(raw))
+    preparation.prepare(raw, out, cfg)
+    return FlyteDirectory(str(out))
+
+
+class Published(NamedTuple):
+    artifacts_uri: str
+    test_metrics: dict
+
+
+@task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("publish"))
+def publish(model: FlyteDirectory, prepared: FlyteDirectory, metrics: dict, cfg: FinetuneConfig,
+            output_uri: str) -> Published:
+    meta = preparation.load_meta(Path(prepared.download()))
+    run_uri = artifacts.publish(Path(model.download()), output_uri, cfg.model.name, metrics=metrics,
+                                config=cfg.to_dict(), data_meta=meta)
+    return Published(artifacts_uri=run_uri, test_metrics=artifacts.summary(metrics))
