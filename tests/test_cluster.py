@@ -5,9 +5,12 @@ does: `pyflyte-execute` with the serialised task's own arguments, inputs as a li
 execution id in a cluster domain, and the raw output prefix in a bucket (moto on loopback).
 """
 
+import io
 import os
+import posixpath
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,33 @@ def test_s3_tasks_carry_the_aws_web_identity(package):
         pod = str(template.k8s_pod.pod_spec)
         assert "sts.amazonaws.com" in pod and "/var/run/secrets/flytetune/aws" in pod, name
         assert "AWS_SECRET_ACCESS_KEY" not in str(template) and "AWS_ACCESS_KEY_ID" not in str(template)
+
+
+def test_fast_registration_unpacks_where_the_image_user_can_write(tmp_path):
+    """`pyflyte run --remote` (fast registration, destination `.`): each pod unpacks the code into the
+    image's working directory, which uid 1000 owns (tests/test_images.py checks the Dockerfile)."""
+    from tests.test_images import lineage, values
+
+    out = tmp_path / "fast.tgz"
+    subprocess.run([str(Path(sys.executable).parent / "pyflyte"), "--pkgs", "workflows", "package", "--image", IMAGE,
+                    "--copy", "all", "--in-container-source-path", ".", "-o", str(out), "--force"],
+                   cwd=REPO, check=True, capture_output=True)
+    with tarfile.open(out) as tar:
+        blobs = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    for name, spec in task_specs(blobs).items():
+        container = primary_container(spec.template)
+        args = container["args"]
+        assert args[0] == "pyflyte-fast-execute", name
+        workdir = values(lineage("light" if container["image"] == LIGHT_IMAGE else "train"), "WORKDIR")[-1]
+        dest = posixpath.normpath(posixpath.join(workdir, args[args.index("--dest-dir") + 1]))
+        assert dest == workdir, f"{name}: code unpacked into {dest}, not the user's {workdir}"
+    # The code bundle carries the configs as they are now, not as the image has them.
+    (code,) = [b for n, b in blobs.items() if n.startswith("fast") and n.endswith(".tar.gz")]
+    with tarfile.open(fileobj=io.BytesIO(code)) as tar:
+        bundled = {m.name: m for m in tar.getmembers()}
+        resources = tar.extractfile(bundled["configs/resources.yaml"]).read()
+    assert resources == (REPO / "configs" / "resources.yaml").read_bytes()
+    assert "configs/presets/a100.yaml" in bundled and not any(n.startswith(".venv") for n in bundled)
 
 
 def launch_plans(package) -> dict[str, launch_plan_pb2.LaunchPlanSpec]:
