@@ -9,7 +9,7 @@ LOCKS := requirements/lock.txt requirements/lock-dev.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint package lock lock-check clean
+.PHONY: setup run test lint package lock lock-check clean cluster-image cluster-test
 
 setup: $(STAMP)
 
@@ -44,6 +44,15 @@ lock-check:
 	.lock-check/bin/python -m pip check
 	cd /tmp && $(CURDIR)/.lock-check/bin/python -c "import flytetune.train, flytetune.storage, torch, transformers, flytekit; print('lock ok')"
 	rm -rf .lock-check
+
+# The train and light images, built on this machine for the cluster tests (dockerd, a debootstrap base,
+# a wheelhouse served on loopback; see README "Images and CI"). A second call reuses all of it.
+cluster-image: $(STAMP)
+	$(BIN)/python tests/cluster/image.py
+
+# The workflow in containers of those images, each node as its pod (tests/cluster/harness.py).
+cluster-test: cluster-image
+	$(BIN)/python -m pytest -m cluster -s tests/test_cluster_pods.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,6 +20,7 @@ from flyteidl.core import errors_pb2, literals_pb2
 from flytetune.config import AUTO, ConfigError, FinetuneConfig, load_config
 from flytetune.locations import DURABLE_ENV
 from flytetune.storage.uri import is_local
+from tests.cluster.harness import cli_literal, python_value
 from tests.conftest import IMAGE, LIGHT_IMAGE, REPO, primary_container, task_specs
 
 TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare", "tasks.steps.publish",
@@ -111,14 +112,6 @@ def launch_plans(package) -> dict[str, launch_plan_pb2.LaunchPlanSpec]:
     return plans
 
 
-def python_value(literal: literals_pb2.Literal, kind: type):
-    from flytekit.core.context_manager import FlyteContextManager
-    from flytekit.core.type_engine import TypeEngine
-    from flytekit.models.literals import Literal
-
-    return TypeEngine.to_python_value(FlyteContextManager.current_context(), Literal.from_flyte_idl(literal), kind)
-
-
 def test_launch_plans_keep_checkpoints_and_models_off_the_pod(package):
     plans = launch_plans(package)
     # The workflow's default plan is what `pyflyte run --remote` with no arguments starts.
@@ -147,20 +140,6 @@ def test_training_receives_the_config_resolve_returns(package):
         assert (binding.node_id, binding.var) == (resolve_id, "cfg"), consumer
     # A typo fails in resolve before any data moves.
     assert resolve_id in nodes["tasks.steps.copy_dataset"].upstream_node_ids
-
-
-def cli_literal(python_type: type, value: str) -> literals_pb2.Literal:
-    """What `pyflyte run --remote ... --<input> VALUE` sends: flytekit's own click conversion, on this machine."""
-    import click
-    from flytekit.core.context_manager import FlyteContextManager
-    from flytekit.core.type_engine import TypeEngine
-    from flytekit.interaction.click_types import FlyteLiteralConverter
-
-    ctx = FlyteContextManager.current_context()
-    converter = FlyteLiteralConverter(ctx, TypeEngine.to_literal_type(python_type), python_type, is_remote=True)
-    # As pyflyte run's option: the click type parses the text, the callback makes the literal.
-    parsed = converter.click_type.convert(value, None, None)
-    return converter.convert(click.Context(click.Command("run")), None, parsed).to_flyte_idl()
 
 
 def run_as_pod(package, task: str, inputs: dict[str, literals_pb2.Literal], tmp: Path, raw_prefix: str,

@@ -20,6 +20,8 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 LOCK, LOCK_DEV = REPO / "requirements" / "lock.txt", REPO / "requirements" / "lock-dev.txt"
 IMAGES_WORKFLOW = REPO / ".github" / "workflows" / "images.yml"
 RUNTIME = ("train", "light")  # the targets Flyte runs tasks in
+WHEELHOUSE = "http://127.0.0.1:8765/"  # what tests/cluster/image.py passes as PIP_FIND_LINKS
+FROM_WHEELHOUSE = ["--no-index", "--find-links", WHEELHOUSE]
 DEV_TOOLS = ("pytest", "ruff", "jupyter", "build-essential", "gcc", "lock-dev.txt", "ipykernel")
 
 
@@ -121,12 +123,32 @@ def test_train_installs_the_whole_lock_from_the_chosen_torch_index(tmp_path):
     (tmp_path / "requirements").mkdir()
     shutil.copy(LOCK, tmp_path / "requirements" / "lock.txt")
     [run] = requirement_installs("train")
-    args, installed = fake_pip(run, tmp_path, TORCH_INDEX_URL="")
+    args, installed = fake_pip(run, tmp_path, TORCH_INDEX_URL="", PIP_FIND_LINKS="")
     assert args == ["install", "--no-cache-dir", "-r", "requirements/lock.txt"]
     assert installed == LOCK.read_text().splitlines()
     cpu = "https://download.pytorch.org/whl/cpu"
     args, _ = fake_pip(run, tmp_path, TORCH_INDEX_URL=cpu)
     assert args == ["install", "--no-cache-dir", "--extra-index-url", cpu, "-r", "requirements/lock.txt"]
+    args, _ = fake_pip(run, tmp_path, TORCH_INDEX_URL="", PIP_FIND_LINKS=WHEELHOUSE)
+    assert args == ["install", "--no-cache-dir", *FROM_WHEELHOUSE, "-r", "requirements/lock.txt"]
+
+
+@pytest.mark.parametrize("target", RUNTIME)
+def test_every_pip_install_takes_only_the_wheelhouse_when_one_is_given(tmp_path, target):
+    """Behind a TLS-intercepting proxy the host serves the wheels (tests/cluster/image.py); the build's pip
+    must then reach nothing else, the project's build backend included, and nothing may stay in a layer."""
+    (tmp_path / "requirements").mkdir()
+    shutil.copy(LOCK, tmp_path / "requirements" / "lock.txt")
+    chain = lineage(target)
+    installs = [run for run in values(chain, "RUN") if "pip install" in run]
+    plain = [fake_pip(run, tmp_path)[0] for run in installs]
+    lock = "requirements/lock.txt" if target == "train" else "requirements/lock-light.txt"
+    deps = [] if target == "train" else ["--no-deps"]
+    assert plain == [["install", "--no-cache-dir", *deps, "-r", lock], ["install", "--no-cache-dir", "--no-deps", "."]]
+    for run, args in zip(installs, plain, strict=True):
+        assert fake_pip(run, tmp_path, PIP_FIND_LINKS=WHEELHOUSE)[0] == [*args[:2], *FROM_WHEELHOUSE, *args[2:]]
+    assert any(v.startswith("PIP_FIND_LINKS=") for v in values(stages()[target], "ARG"))
+    assert "PIP_FIND_LINKS" not in " ".join(values(chain, "ENV")), "the wheelhouse's address would stay in the image"
 
 
 def test_light_installs_the_lock_without_torch_and_its_cuda_wheels(tmp_path):
@@ -137,7 +159,8 @@ def test_light_installs_the_lock_without_torch_and_its_cuda_wheels(tmp_path):
     (tmp_path / "requirements" / "lock.txt").write_text("\n".join(lock + cuda) + "\n")
     [run] = requirement_installs("light")
     args, installed = fake_pip(run, tmp_path)
-    assert "--no-deps" in args, "a dependency would pull torch back in"
+    no_deps = ["--no-deps"]  # else a dependency would pull torch back in
+    assert args == ["install", "--no-cache-dir", *no_deps, "-r", "requirements/lock-light.txt"]
     assert installed == [line for line in lock if line != "torch==2.13.0"]
     assert not (tmp_path / "requirements" / "lock-light.txt").exists(), "a root-owned file left in /app"
 
@@ -253,6 +276,7 @@ def test_dockerignore_sends_code_configs_and_the_sample_but_no_data_or_secrets(t
     kept_out += [".netrc", ".pypirc", ".kube/config", ".docker/config.json", ".venv/bin/python", ".git/HEAD"]
     kept_out += ["data/train.parquet", "data/x.csv", "checkpoints/step-000001/model.safetensors", "artifacts/m.jsonl"]
     kept_out += ["build/lib/flytetune/train.py", "flytetune.egg-info/PKG-INFO", "notebooks/outputs/a.png"]
+    kept_out += [".cache/wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"]
     for path in sent + kept_out:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("x")
