@@ -18,6 +18,7 @@ from pathlib import Path
 from flytetune import storage
 from flytetune.naming import branch_tag
 from flytetune.storage.checksums import file_sha256
+from flytetune.storage.uri import safe_relative
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -58,8 +59,12 @@ def code_version() -> str | None:
 
 
 def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict, config: dict,
-            data_meta: dict, version: str | None = None) -> str:
-    """Upload the model folder with its metrics and lineage; return the run folder URI."""
+            data_meta: dict, version: str | None = None, extra_files: dict[str, Path] | None = None) -> str:
+    """Upload the model folder with its metrics and lineage; return the run folder URI.
+
+    `extra_files` (name -> local file) go next to the model, e.g. the full confusion matrix of a
+    many-class evaluation that ran in another task.
+    """
     version = version or new_version()
     run_uri = join(output_uri, model_name, version)
     if storage.exists(join(run_uri, MANIFEST)):
@@ -68,6 +73,8 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
     with tempfile.TemporaryDirectory(prefix="flytetune-publish-") as tmp:
         staging = Path(tmp) / "run"
         shutil.copytree(model_dir, staging)
+        for name, path in (extra_files or {}).items():
+            shutil.copy(path, staging / safe_relative(name, "extra_files"))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "data_meta.json").write_text(json.dumps(data_meta, indent=2) + "\n")
         files = {

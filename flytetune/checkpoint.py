@@ -15,14 +15,20 @@ Loading uses safetensors and `torch.load(weights_only=True)`: a checkpoint canno
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
 import random
+import re
 import shutil
+import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,19 +41,70 @@ from flytetune import storage
 
 # Finding checkpoints needs no torch (the config checks run in the light image); re-exported here.
 from flytetune.checkpoint_paths import (  # noqa: F401
+    FORMAT,
     MANIFEST,
+    REQUIRED_FILES,
     CheckpointError,
     complete_checkpoints,
     latest,
+    object_size,
+    read_manifest,
     resolve,
     resolve_resume,
 )
-from flytetune.storage.checksums import file_sha256
+from flytetune.storage.checksums import CHUNK, file_sha256
 
 log = logging.getLogger(__name__)
 
 STATE = "trainer_state.json"
-FORMAT = 1
+# Local staging folders are named `flytetune-ckpt-<pid>-XXXX` (uploads) and `flytetune-restore-<pid>-XXXX`
+# (downloads), so that a later process can find and remove the ones a killed process left behind.
+_STAGING = re.compile(r"flytetune-(?:ckpt|restore)-(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(tmp_dir: str | None = None) -> list[Path]:
+    """Remove staging folders in the temp directory whose owner process is gone; return them."""
+    removed = []
+    root = Path(tmp_dir or tempfile.gettempdir())
+    for path in root.iterdir() if root.is_dir() else []:
+        match = _STAGING.match(path.name)
+        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left behind by process %s", path, match.group(1))
+            removed.append(path)
+    return removed
+
+
+def make_staging(kind: str) -> Path:
+    """A new local staging folder owned by this process (`kind`: ckpt or restore); stale ones go first."""
+    remove_stale_staging()
+    return Path(tempfile.mkdtemp(prefix=f"flytetune-{kind}-{os.getpid()}-"))
+
+
+@contextlib.contextmanager
+def staging(kind: str) -> Iterator[Path]:
+    """`make_staging`, removed on exit, exception or not."""
+    path = make_staging(kind)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 @dataclass
 class TrainingProgress:
@@ -144,7 +201,7 @@ class CheckpointWriter:
     def __init__(self, uri: str, keep: int = 2):
         self.uri = uri.rstrip("/")
         self.keep = keep
-        self._staging = Path(tempfile.mkdtemp(prefix="flytetune-ckpt-"))
+        self._staging = make_staging("ckpt")
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: concurrent.futures.Future | None = None
         # Seconds the last complete save took end to end; the SIGTERM handler budgets with it.
@@ -209,25 +266,76 @@ class Restored:
         return TrainingProgress(**self.state["progress"])
 
 
-def load(uri: str) -> Restored:
-    """Download a step folder, verify it against its manifest and load it without running code."""
-    uri = uri.rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="flytetune-restore-") as tmp:
-        local = Path(tmp)
+def _fetch_verified(uri: str, dest: Path, expected: dict) -> None:
+    """Copy one checkpoint file to `dest`, reading at most its declared size, and check its SHA-256.
+
+    A local file is opened without following a symbolic link; a remote object's size is checked
+    before its download starts (storage then verifies the download against that size).
+    """
+    declared = expected["bytes"]
+    if storage.is_local(uri):
         try:
-            manifest = json.loads(storage.read_bytes(f"{uri}/{MANIFEST}"))
-        except storage.StorageError as e:
-            raise CheckpointError(f"{uri}: not a complete checkpoint ({e})") from None
+            fd = os.open(storage.local_path(uri), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri}: missing, though {MANIFEST} lists it; checkpoint is corrupt") from None
+        except OSError as e:  # ELOOP: a symbolic link
+            raise CheckpointError(f"{uri}: cannot be opened without following links ({e.strerror}); "
+                                  "refusing the checkpoint") from None
+        with os.fdopen(fd, "rb") as src, open(dest, "wb") as out:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointError(f"{uri}: not a regular file; refusing the checkpoint")
+            sha, size = hashlib.sha256(), 0
+            while chunk := src.read(min(CHUNK, declared + 1 - size)):
+                size += len(chunk)
+                if size > declared:
+                    raise CheckpointError(f"{uri}: larger than the {declared} bytes {MANIFEST} says; "
+                                          "checkpoint is corrupt")
+                sha.update(chunk)
+                out.write(chunk)
+        digest = sha.hexdigest()
+    else:
+        size = object_size(uri)
+        if size is None:
+            raise CheckpointError(f"{uri}: missing, though {MANIFEST} lists it; checkpoint is corrupt")
+        if size > declared:
+            raise CheckpointError(f"{uri}: larger than the {declared} bytes {MANIFEST} says; checkpoint is corrupt")
+        storage.copy(uri, str(dest))
+        digest, size = file_sha256(dest), dest.stat().st_size
+    if size != declared or digest != expected["sha256"]:
+        raise CheckpointError(f"{uri}: checksum does not match {MANIFEST}; checkpoint is corrupt")
+
+
+def _deserialize(uri: str, name: str, read):
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001 - whatever a hostile file makes the parser raise, one line
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{uri}/{name}: cannot be loaded ({type(e).__name__}: {first})") from e
+
+
+def load(uri: str) -> Restored:
+    """Download a step folder, verify it against its manifest and load it without running code.
+
+    Every failure (missing or malformed manifest, unsafe file name, wrong size or checksum, a file
+    that does not deserialize) is a one-line CheckpointError naming the URI. Nothing is written
+    outside a private staging folder, which is removed on return.
+    """
+    uri = uri.rstrip("/")
+    manifest = read_manifest(uri)
+    with staging("restore") as local:
         for name, expected in manifest["files"].items():
-            storage.copy(f"{uri}/{name}", str(local / name))
-            if file_sha256(local / name) != expected["sha256"]:
-                raise CheckpointError(f"{uri}/{name}: checksum does not match {MANIFEST}; checkpoint is corrupt")
+            _fetch_verified(f"{uri}/{name}", local / name, expected)
+        state = _deserialize(uri, STATE, lambda: json.loads((local / STATE).read_text()))
+        if not isinstance(state, dict) or not isinstance(state.get("progress"), dict):
+            raise CheckpointError(f"{uri}/{STATE}: no 'progress' object")
+        _deserialize(uri, STATE, lambda: TrainingProgress(**state["progress"]))  # unknown fields: one line
         return Restored(
             uri=uri,
-            model=load_file(local / "model.safetensors"),
-            optimizer=torch.load(local / "optimizer.pt", weights_only=True, map_location="cpu"),
-            rng=torch.load(local / "rng.pt", weights_only=True),
-            state=json.loads((local / STATE).read_text()),
+            model=_deserialize(uri, "model.safetensors", lambda: load_file(local / "model.safetensors")),
+            optimizer=_deserialize(uri, "optimizer.pt",
+                                   lambda: torch.load(local / "optimizer.pt", weights_only=True, map_location="cpu")),
+            rng=_deserialize(uri, "rng.pt", lambda: torch.load(local / "rng.pt", weights_only=True)),
+            state=state,
         )
 
 

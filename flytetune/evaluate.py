@@ -11,6 +11,13 @@ from flytetune.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
+# Above this many classes metrics.json keeps summaries and the full tables go to DETAILS_FILE.
+FULL_METRICS_MAX_CLASSES = 50
+# Worst and best classes, and most frequent confusions, kept in a summary.
+TOP_N = 20
+# Written next to the model files, so that publishing the model folder publishes it too.
+DETAILS_FILE = "confusion_matrix.npz"
+
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, store: FeatureStore, batch_size: int, pad_id: int) -> np.ndarray:
@@ -33,41 +40,95 @@ def predict_logits(model: torch.nn.Module, store: FeatureStore, batch_size: int,
     return out
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], *,
+                           max_full_classes: int = FULL_METRICS_MAX_CLASSES, top_n: int = TOP_N) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
 
-    Confusion matrix rows are true labels and columns predicted labels, both in `labels` order.
+    Up to `max_full_classes` classes: `per_class` for every label, and `confusion_matrix` with rows
+    for true labels and columns for predicted labels, both in `labels` order. Above that both grow
+    too large to read or ship (5,000 classes: 226 MB of JSON), so they are replaced by
+    `per_class_summary` (counts, and the `top_n` worst and best classes by F1) and `top_confusions`
+    (the `top_n` most frequent mistakes); `write_details` stores the full tables.
     """
     k = len(labels)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    predicted = confusion.sum(axis=0).astype(np.float64)
-    support = confusion.sum(axis=1).astype(np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    precision, recall, f1, support = _per_class(y_true, y_pred, k)
     present = support > 0  # classes absent from this split would drag macro-F1 down for no reason
-    return {
+    metrics = {
         "n_examples": int(len(y_true)),
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {
-            label: {
-                "precision": round(float(precision[i]), 6),
-                "recall": round(float(recall[i]), 6),
-                "f1": round(float(f1[i]), 6),
-                "support": int(support[i]),
-            }
-            for i, label in enumerate(labels)
+    }
+    rows = {
+        label: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),
+                "f1": round(float(f1[i]), 6), "support": int(support[i])}
+        for i, label in enumerate(labels)
+    }
+    if k <= max_full_classes:
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (y_true, y_pred), 1)
+        return {**metrics, "per_class": rows, "labels": list(labels), "confusion_matrix": confusion.tolist()}
+
+    # Worst first; ties by label so that the lists do not depend on dict order.
+    ranked = sorted((label for i, label in enumerate(labels) if present[i]),
+                    key=lambda label: (rows[label]["f1"], label))
+    true, predicted, count = _confusion_cells(y_true, y_pred, k)
+    mistakes = np.flatnonzero(true != predicted)
+    worst = mistakes[np.lexsort((true[mistakes], -count[mistakes]))][:top_n]
+    return {
+        **metrics,
+        "n_classes": k,
+        "per_class_summary": {
+            "classes": k,
+            "present": int(present.sum()),
+            "f1_zero": int((f1[present] == 0).sum()),
+            "worst": [{"label": label, **rows[label]} for label in ranked[:top_n]],
+            "best": [{"label": label, **rows[label]} for label in ranked[::-1][:top_n]],
         },
-        "labels": list(labels),
-        "confusion_matrix": confusion.tolist(),
+        "top_confusions": [
+            {"true": labels[true[i]], "predicted": labels[predicted[i]], "count": int(count[i])} for i in worst
+        ],
     }
 
 
+def _per_class(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    # Counts per class without a k x k matrix (200 MB at 5,000 classes).
+    tp = np.bincount(y_true[y_true == y_pred], minlength=k).astype(np.float64)
+    predicted = np.bincount(y_pred, minlength=k).astype(np.float64)
+    support = np.bincount(y_true, minlength=k).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    return precision, recall, f1, support
+
+
+def _confusion_cells(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """The non-zero cells of the confusion matrix: (true index, predicted index, count), row-major."""
+    cells, count = np.unique(y_true * k + y_pred, return_counts=True)
+    return cells // k, cells % k, count
+
+
+def write_details(path: Path, y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> Path:
+    """Write the full per-class table and the confusion matrix as its non-zero cells (COO) to `path`.
+
+    Read back with `np.load(path)`: `labels`; per class `precision`, `recall`, `f1`, `support`;
+    and `true`, `predicted`, `count` (label indices and counts of every non-zero cell).
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    k = len(labels)
+    precision, recall, f1, support = _per_class(y_true, y_pred, k)
+    true, predicted, count = _confusion_cells(y_true, y_pred, k)
+    np.savez_compressed(path, labels=np.array(labels, dtype=str), precision=precision, recall=recall, f1=f1,
+                        support=support.astype(np.int64), true=true, predicted=predicted, count=count)
+    return Path(path)
+
+
 def evaluate(model_dir: Path, prepared_dir: Path, split: str = "test", batch_size: int = 128) -> dict:
-    """Load the trained model from `model_dir` and score it on a prepared split."""
+    """Load the trained model from `model_dir` and score it on a prepared split.
+
+    Above FULL_METRICS_MAX_CLASSES classes the full per-class table and confusion matrix are written
+    to `model_dir/confusion_matrix.npz` (named by the metrics' `details_file`), not returned.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
@@ -75,8 +136,11 @@ def evaluate(model_dir: Path, prepared_dir: Path, split: str = "test", batch_siz
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     store = FeatureStore(Path(prepared_dir) / split)
     logits = predict_logits(model, store, batch_size, tokenizer.pad_token_id)
-    metrics = classification_metrics(store.labels(), logits.argmax(axis=1), labels)
+    y_true, y_pred = store.labels(), logits.argmax(axis=1)
+    metrics = classification_metrics(y_true, y_pred, labels)
     metrics["split"] = split
+    if "confusion_matrix" not in metrics:
+        metrics["details_file"] = write_details(Path(model_dir) / DETAILS_FILE, y_true, y_pred, labels).name
     log.info("%s: accuracy %.4f, macro-F1 %.4f on %d examples",
              split, metrics["accuracy"], metrics["macro_f1"], metrics["n_examples"])
     return metrics

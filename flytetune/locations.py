@@ -10,6 +10,7 @@ import dataclasses
 import os
 from typing import Optional
 
+from flytetune import storage
 from flytetune.config import AUTO, ConfigError, FinetuneConfig
 from flytetune.storage import StorageError
 from flytetune.storage.uri import is_local, parse
@@ -38,6 +39,18 @@ def resolve(cfg: FinetuneConfig, output_uri: str, durable_root: Optional[str]) -
     """Replace `auto` in checkpoint.uri and output_uri; on a cluster (`durable_root` set), refuse local paths."""
     checkpoints = dataclasses.replace(cfg.checkpoint, uri=_place("checkpoint.uri", cfg.checkpoint.uri, durable_root))
     return dataclasses.replace(cfg, checkpoint=checkpoints), _place("output_uri", output_uri, durable_root)
+
+
+def check_writable(cfg: FinetuneConfig, output_uri: str) -> None:
+    """Write and delete a probe where the model and the checkpoints will go, before anything runs:
+    a typo in a bucket name fails now, naming the key, not after hours of training."""
+    for key, uri in (("output_uri", output_uri), ("checkpoint.uri", cfg.checkpoint.uri)):
+        if uri is None:
+            continue
+        try:
+            storage.check_writable(uri)
+        except StorageError as e:
+            raise StorageError(f"{key}: {e}") from None
 
 
 def _place(key: str, value: Optional[str], durable_root: Optional[str]) -> Optional[str]:

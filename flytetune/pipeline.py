@@ -7,6 +7,7 @@ in one process for `python -m flytetune.train`, notebooks and the dev image.
 import argparse
 import json
 import logging
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -42,6 +43,7 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     preemption continues from the newest complete checkpoint.
     """
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root=None)
+    locations.check_writable(cfg, output_uri)
     resume_from = checkpoint.resolve_resume(cfg, from_checkpoint)
     world = distributed.init()
     # Under torchrun (one node) rank 0 copies, prepares and publishes; every rank trains.
@@ -62,6 +64,19 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     return run_uri, metrics
 
 
+def continue_command(argv: list[str], run_id: str) -> str:
+    """The shell command that reruns `python -m flytetune.train argv` as the run `run_id`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--run_id":
+            skip = True
+        elif not arg.startswith("--run_id="):
+            kept.append(arg)
+    return shlex.join([sys.executable, "-m", "flytetune.train", *kept, "--run_id", run_id])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flytetune.train", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config (default: %(default)s)")
@@ -80,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        world = distributed.init()
+        run_id = distributed.from_main(world, args.run_id or artifacts.new_version())
+        if cfg.checkpoint.uri and world.is_main:
+            # The id appears only inside checkpoint paths: without it a rerun would start from step 0.
+            log.info("run id %s; to continue this run after a crash, rerun: %s",
+                     run_id, continue_command(sys.argv[1:] if argv is None else argv, run_id))
         run_uri, metrics = run(cfg, args.dataset_uri, args.output_uri, args.test_uri, args.work_dir,
-                               run_id=args.run_id, from_checkpoint=args.from_checkpoint)
+                               run_id=run_id, from_checkpoint=args.from_checkpoint)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

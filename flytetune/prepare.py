@@ -12,13 +12,14 @@ from pathlib import Path
 import polars as pl
 
 from flytetune.backbone import resolve_backbone
-from flytetune.config import FinetuneConfig
+from flytetune.config import ConfigError, FinetuneConfig
 from flytetune.data import (
     LABEL,
     TEXT,
     DataError,
     load_sources,
     read_table,
+    require_classes,
     stratified_split,
     subsample,
     validate,
@@ -41,10 +42,13 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
         raise FileExistsError(f"{out_dir}: already prepared ({META} exists)")
     data_cfg = cfg.data
     sources = load_sources(raw_dir)
+    if "test" not in sources and data_cfg.test_fraction == 0:
+        # Checked here, not in the config: only this step knows whether a test file was given.
+        raise ConfigError("data.test_fraction: is 0 but no test file was given; set it above 0 or give test_uri")
     dataset_path, dataset_name = raw_dir / sources["dataset"]["file"], sources["dataset"]["uri"]
     frame = validate(read_table(dataset_path, dataset_name), dataset_name, data_cfg)
-    if data_cfg.max_rows is not None:
-        frame = subsample(frame, data_cfg.max_rows, data_cfg.split_seed)
+    frame = subsample(frame, data_cfg, dataset_name)
+    require_classes(frame, dataset_name, data_cfg)
     labels = sorted(frame.get_column(LABEL).unique().to_list())
 
     if "test" in sources:
@@ -64,6 +68,12 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
             frame, [data_cfg.validation_fraction, data_cfg.test_fraction], data_cfg.split_seed
         )
 
+    splits = dict(zip(SPLITS, (train, validation, test), strict=True))
+    for name, split in splits.items():
+        if split.height == 0:
+            raise DataError(f"{dataset_name}: the {name} split is empty; check data.test_fraction and "
+                            "data.validation_fraction")
+
     from transformers import AutoTokenizer
 
     backbone = resolve_backbone(cfg.model.backbone)
@@ -72,7 +82,6 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
     label2id = {label: i for i, label in enumerate(labels)}
-    splits = dict(zip(SPLITS, (train, validation, test), strict=True))
     rows, truncated = {}, {}
     for name, split in splits.items():
         texts = split.get_column(TEXT).to_list()

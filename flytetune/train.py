@@ -28,6 +28,7 @@ from flytetune.config import ConfigError, FinetuneConfig
 from flytetune.evaluate import classification_metrics, predict_logits
 from flytetune.preemption import GracefulStop, Preempted
 from flytetune.prepare import load_meta
+from flytetune.storage import StorageError
 from flytetune.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     """Train on `prepared_dir` and write the model folder to `output_dir`.
 
     `checkpoint_dir` is this run's durable checkpoint prefix, shared by all its attempts: if it
-    holds a complete checkpoint, training continues from the newest one (automatic resume).
-    Otherwise `resume_from` (a step folder URI) is the starting point, if given. On SIGTERM the
+    holds a complete checkpoint, training continues from the newest one that loads (automatic
+    resume; see `choose_start`), even when `resume_from` is given. Otherwise `resume_from` (a step
+    folder URI) is the starting point, if given. On SIGTERM the
     loop stops after the current step, saves if the save fits the budget, and raises Preempted.
     """
     from transformers import AutoTokenizer
@@ -119,11 +121,20 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     progress = checkpoint.TrainingProgress(sampler_seed=tcfg.seed)
 
-    # Rank 0 decides; every rank then loads the same checkpoint.
-    source = distributed.from_main(
-        world, ((checkpoint.latest(checkpoint_dir) if checkpoint_dir and world.is_main else None) or resume_from))
+    # Rank 0 decides (loading it); every rank then loads the same checkpoint, or raises rank 0's error.
+    source, restored, error = None, None, None
+    if world.is_main:
+        try:
+            source, restored = choose_start(checkpoint_dir, resume_from)
+        except (checkpoint.CheckpointError, StorageError) as e:
+            error = e
+    source, message = distributed.from_main(world, (source, str(error) if error else None))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise checkpoint.CheckpointError(message)
     if source:
-        restored = checkpoint.load(source)
+        restored = restored or checkpoint.load(source)
         checkpoint.check_compatible(restored, compat_fields(cfg, meta))
         progress = checkpoint.restore_into(restored, model, optimizer, scheduler)
         log.info("resuming from checkpoint %s at step %d (epoch %d, batch %d)",
@@ -198,6 +209,37 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     if world.is_main:
         save_model(model, tokenizer, output_dir, cfg, result)
     return result
+
+
+def choose_start(checkpoint_dir: str | None, resume_from: str | None
+                 ) -> tuple[str | None, "checkpoint.Restored | None"]:
+    """Where training starts: the newest of the run's own checkpoints that loads, else `resume_from`.
+
+    The run's own progress wins over `resume_from`, so a retry continues rather than restarts (logged).
+    A checkpoint of the run that fails to load (checksum, size, unreadable file, storage error) is
+    skipped with a warning naming it and the reason, and the next older one is tried: under Flyte
+    every retry would otherwise hit the same broken folder. If none loads, CheckpointError. A failing
+    `resume_from` fails (one line): it was named explicitly.
+    """
+    own = checkpoint.complete_checkpoints(checkpoint_dir) if checkpoint_dir else {}
+    failed = []
+    for step in sorted(own, reverse=True):
+        try:
+            restored = checkpoint.load(own[step])
+        except (checkpoint.CheckpointError, StorageError) as e:
+            log.warning("skipping checkpoint %s, it does not load: %s", own[step], e)
+            failed.append(checkpoint.step_name(step))
+            continue
+        if failed:
+            log.warning("resuming from %s, the newest checkpoint that loads (skipped %s)", own[step], ", ".join(failed))
+        if resume_from and resume_from.rstrip("/") != own[step]:
+            log.info("run %s has its own checkpoint %s; continuing it instead of --from_checkpoint %s",
+                     checkpoint_dir.rstrip("/").rpartition("/")[2], checkpoint.step_name(step), resume_from)
+        return own[step], restored
+    if failed and not resume_from:
+        raise checkpoint.CheckpointError(f"{checkpoint_dir}: none of the run's checkpoints loads ({', '.join(failed)});"
+                                         " see the warnings above")
+    return (resume_from, checkpoint.load(resume_from)) if resume_from else (None, None)
 
 
 def _save_due(ccfg, step: int, since_last_s: float) -> bool:

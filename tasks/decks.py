@@ -24,6 +24,8 @@ def training_history(history: list[dict]) -> str:
 def test_metrics(metrics: dict) -> str:
     summary = table(["split", "examples", "accuracy", "macro-F1"],
                     [[metrics["split"], metrics["n_examples"], metrics["accuracy"], metrics["macro_f1"]]])
+    if "per_class" not in metrics:  # many classes: summaries only (flytetune/evaluate.py)
+        return summary + "<br>" + _many_classes(metrics)
     per_class = table(["label", "precision", "recall", "f1", "support"],
                       [[label, m["precision"], m["recall"], m["f1"], m["support"]]
                        for label, m in metrics["per_class"].items()], "Per class")
@@ -32,3 +34,15 @@ def test_metrics(metrics: dict) -> str:
                       [[label, *row] for label, row in zip(labels, metrics["confusion_matrix"], strict=True)],
                       "Confusion matrix (rows: true label)")
     return summary + "<br>" + per_class + "<br>" + confusion
+
+
+def _many_classes(metrics: dict) -> str:
+    s = metrics["per_class_summary"]
+    header = ["label", "precision", "recall", "f1", "support"]
+    counts = table(["classes", "present in split", "F1 = 0"], [[s["classes"], s["present"], s["f1_zero"]]])
+    worst, best = ([[m[key] for key in header] for m in s[side]] for side in ("worst", "best"))
+    confusions = table(["true", "predicted", "count"],
+                       [[c["true"], c["predicted"], c["count"]] for c in metrics["top_confusions"]],
+                       f"Most frequent confusions (all in {metrics.get('details_file', 'the run folder')})")
+    return "<br>".join([counts, table(header, worst, "Worst classes by F1"), table(header, best, "Best classes by F1"),
+                        confusions])

@@ -5,12 +5,13 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from flytekit import Deck, dynamic, task
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flytetune import evaluate as evaluation
@@ -103,9 +104,16 @@ def train_on_preset(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: 
         node_name=f"train-{chosen.name}", **presets.overrides(chosen))
 
 
+class Evaluated(NamedTuple):
+    metrics: dict
+    # The full per-class tables of a many-class evaluation (metrics["details_file"]), else None.
+    details: Optional[FlyteFile]
+
+
 @task(enable_deck=True, **step("evaluate"))
-def evaluate(model: FlyteDirectory, prepared: FlyteDirectory, cfg: FinetuneConfig) -> dict:
-    metrics = evaluation.evaluate(Path(model.download()), Path(prepared.download()),
-                                  batch_size=cfg.train.eval_batch_size)
+def evaluate(model: FlyteDirectory, prepared: FlyteDirectory, cfg: FinetuneConfig) -> Evaluated:
+    model_dir = Path(model.download())
+    metrics = evaluation.evaluate(model_dir, Path(prepared.download()), batch_size=cfg.train.eval_batch_size)
     Deck("Test metrics", decks.test_metrics(metrics))
-    return metrics
+    details = metrics.get("details_file")
+    return Evaluated(metrics=metrics, details=FlyteFile(str(model_dir / details)) if details else None)

@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 from flytekit import task
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 
 from flytetune import artifacts, data, locations, storage
 from flytetune import prepare as preparation
@@ -34,10 +35,11 @@ class Resolved(NamedTuple):
 def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str,
             from_checkpoint: Optional[str]) -> Resolved:
     """Check everything a user typed before data moves or a GPU starts: config, overrides, preset,
-    where checkpoints and models go (object storage on a cluster), and `--from_checkpoint`."""
+    where checkpoints and models go (object storage on a cluster, writable), and `--from_checkpoint`."""
     load_preset(preset)
     cfg = load_config(config.to_dict(), parse_overrides(overrides))
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root())
+    locations.check_writable(cfg, output_uri)
     return Resolved(cfg=cfg, output_uri=output_uri, resume_from=resolve_resume(cfg, from_checkpoint))
 
 
@@ -66,9 +68,10 @@ class Published(NamedTuple):
 
 
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("publish"))
-def publish(model: FlyteDirectory, prepared: FlyteDirectory, metrics: dict, cfg: FinetuneConfig,
-            output_uri: str) -> Published:
+def publish(model: FlyteDirectory, prepared: FlyteDirectory, metrics: dict, details: Optional[FlyteFile],
+            cfg: FinetuneConfig, output_uri: str) -> Published:
     meta = preparation.load_meta(Path(prepared.download()))
+    extra = {metrics["details_file"]: Path(details.download())} if details is not None else None
     run_uri = artifacts.publish(Path(model.download()), output_uri, cfg.model.name, metrics=metrics,
-                                config=cfg.to_dict(), data_meta=meta)
+                                config=cfg.to_dict(), data_meta=meta, extra_files=extra)
     return Published(artifacts_uri=run_uri, test_metrics=artifacts.summary(metrics))

@@ -1,8 +1,13 @@
+import datetime as dt
 import json
+import os
+import re
+import stat
 
 import pytest
 
 from flytetune import artifacts
+from flytetune.storage import StorageError
 
 
 @pytest.fixture
@@ -32,6 +37,16 @@ def test_publish_writes_run_folder_with_manifest(tmp_path, model_dir):
     assert manifest["code_version"], "a checkout has a git SHA"
 
 
+def test_files_from_another_task_are_published_with_the_model(tmp_path, model_dir):
+    """A many-class evaluation's full tables come from the evaluate task, not the model folder."""
+    details = tmp_path / "elsewhere.npz"
+    details.write_bytes(b"tables")
+    run = publish(model_dir, tmp_path / "bucket", version="v1", extra_files={"confusion_matrix.npz": details})
+    assert artifacts.verify(run)["files"]["confusion_matrix.npz"]["bytes"] == 6
+    with pytest.raises(StorageError, match=r"\.\./x\.npz"):
+        publish(model_dir, tmp_path / "bucket", version="v2", extra_files={"../x.npz": details})
+
+
 def test_verify_detects_changed_file(tmp_path, model_dir):
     run = publish(model_dir, tmp_path / "bucket", version="v1")
     (tmp_path / "bucket/m/v1/model.safetensors").write_bytes(b"tampered")
@@ -52,9 +67,25 @@ def test_never_overwrites_a_published_version(tmp_path, model_dir):
         publish(model_dir, tmp_path / "bucket", version="v1")
 
 
-def test_versions_sort_by_time_and_differ():
-    a, b = artifacts.new_version(), artifacts.new_version()
-    assert a != b and len(a) == len("20261124T190501Z-3fa2")
+@pytest.mark.parametrize("branch", [None, "Feature/Tokenizer"])
+def test_versions_sort_by_time_and_differ(monkeypatch, branch):
+    if branch is None:
+        monkeypatch.delenv("FLYTETUNE_BRANCH", raising=False)
+    else:
+        monkeypatch.setenv("FLYTETUNE_BRANCH", branch)
+    monkeypatch.setenv("FLYTETUNE_CODE_VERSION", "0123abcdef")
+    start = dt.datetime(2026, 11, 24, 19, 5, 1, tzinfo=dt.timezone.utc)
+    # Later times, out of order, including across a minute, an hour, a day, a month and a year.
+    offsets = [dt.timedelta(days=40), dt.timedelta(seconds=1), dt.timedelta(days=400), dt.timedelta(minutes=1),
+               dt.timedelta(0), dt.timedelta(hours=5), dt.timedelta(seconds=59)]
+    times = [start + offset for offset in offsets for _ in range(3)]  # three runs in the same second each
+    versions = [artifacts.new_version(now) for now in times]
+    assert len(set(versions)) == len(versions), "runs in the same second still differ"
+    by_version = sorted(range(len(times)), key=lambda i: versions[i])
+    assert [times[i] for i in by_version] == sorted(times), "sorting versions sorts runs by time"
+    suffix = "" if branch is None else "-feature-tokenizer-0123abc"
+    assert all(re.fullmatch(rf"\d{{8}}T\d{{6}}Z-[0-9a-f]{{4}}{suffix}", v) for v in versions), versions
+    assert artifacts.new_version().startswith(f"{dt.datetime.now(dt.timezone.utc):%Y%m%d}")
 
 
 def test_manifest_is_written_last(tmp_path, model_dir):
@@ -62,7 +93,7 @@ def test_manifest_is_written_last(tmp_path, model_dir):
     blocker = tmp_path / "bucket/m/v1/sub"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("a file where the upload needs a folder")
-    with pytest.raises(Exception):  # noqa: B017 - whichever error the storage layer raises
+    with pytest.raises(StorageError, match=rf"sub/extra.txt: {blocker} exists and is not a folder"):
         publish(model_dir, tmp_path / "bucket", version="v1")
     assert not (tmp_path / "bucket/m/v1/manifest.json").exists()
 
@@ -82,3 +113,19 @@ def test_branch_aware_versions(monkeypatch):
     monkeypatch.setenv("FLYTETUNE_BRANCH", "Feature/Tokenizer")
     monkeypatch.setenv("FLYTETUNE_CODE_VERSION", "0123abcdef")
     assert artifacts.new_version().endswith("-feature-tokenizer-0123abc")
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_published_files_are_readable_by_the_team(tmp_path, model_dir, mask, file_mode, dir_mode):
+    """The run folder gets the process's umask modes (not tempfile's owner-only 0600/0700)."""
+    saved = os.umask(mask)
+    try:
+        run = publish(model_dir, tmp_path / "bucket", version="v1")
+    finally:
+        os.umask(saved)
+    paths = [tmp_path / "bucket" / "m", *(tmp_path / "bucket" / "m").rglob("*")]
+    assert len(paths) == 9, paths  # m, v1, sub, 6 files (model files, metrics, data_meta, manifest)
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (dir_mode if path.is_dir() else file_mode), f"{path}: {oct(mode)}"
+    assert artifacts.verify(run)["version"] == "v1"

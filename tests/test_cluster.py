@@ -200,9 +200,9 @@ def test_a_config_edited_after_the_image_was_built_reaches_training(package, s3_
 def test_the_platform_can_name_the_durable_bucket(package, s3_bucket, tmp_path):
     config = cli_literal(FinetuneConfig, str(REPO / "configs" / "local.yaml"))
     outputs, error = run_as_pod(package, "tasks.steps.resolve", resolve_inputs(config), tmp_path,
-                                raw_prefix=f"s3://{s3_bucket}/raw", env={DURABLE_ENV: "gs://team-models/flytetune/"})
+                                raw_prefix="gs://cluster-bucket/raw", env={DURABLE_ENV: f"s3://{s3_bucket}/flytetune/"})
     assert error is None, error
-    assert python_value(outputs["cfg"], FinetuneConfig).checkpoint.uri == "gs://team-models/flytetune/checkpoints"
+    assert python_value(outputs["cfg"], FinetuneConfig).checkpoint.uri == f"s3://{s3_bucket}/flytetune/checkpoints"
 
 
 @pytest.mark.parametrize("config, output_uri, problem", [
@@ -218,6 +218,15 @@ def test_a_local_path_on_a_cluster_fails_in_the_first_task(package, s3_bucket, t
                                 resolve_inputs(cli_literal(FinetuneConfig, str(path)), output_uri), tmp_path / "pod",
                                 raw_prefix=f"s3://{s3_bucket}/raw")
     assert outputs is None and problem in error
+
+
+def test_an_unwritable_output_fails_in_the_first_task(package, s3_bucket, tmp_path):
+    """A typo in a bucket name fails before data moves, not after hours of training."""
+    config = cli_literal(FinetuneConfig, str(REPO / "configs" / "local.yaml"))
+    outputs, error = run_as_pod(package, "tasks.steps.resolve",
+                                resolve_inputs(config, f"s3://{s3_bucket}-typo/models"), tmp_path,
+                                raw_prefix=f"s3://{s3_bucket}/raw")
+    assert outputs is None and f"output_uri: s3://{s3_bucket}-typo/models: not writable" in error
 
 
 def test_a_bad_config_file_fails_on_the_laptop_naming_the_key(tmp_path):

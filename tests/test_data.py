@@ -1,10 +1,11 @@
 import logging
+import re
 
 import polars as pl
 import pytest
 
-from flytetune.config import DataConfig
-from flytetune.data import LABEL, TEXT, DataError, read_table, stratified_split, validate
+from flytetune.config import ConfigError, DataConfig, FinetuneConfig
+from flytetune.data import LABEL, TEXT, DataError, copy_dataset, read_table, stratified_split, subsample, validate
 
 CFG = DataConfig(min_examples_per_class=3)
 
@@ -94,12 +95,6 @@ def test_class_with_single_example():
         validate(df, "src", CFG)
 
 
-def test_text_column_must_be_text():
-    df = pl.DataFrame({"text": list(range(30)), "label": ["a"] * 30})
-    with pytest.raises(DataError, match="column 'text' must hold text"):
-        validate(df, "src", CFG)
-
-
 def test_exact_duplicates_dropped_with_warning(caplog):
     df = pl.concat([frame(), frame().head(4)])
     with caplog.at_level(logging.WARNING):
@@ -131,3 +126,133 @@ def test_split_keeps_every_class_in_every_part():
     df = validate(frame(n_per_class=5), "src", CFG)
     for part in stratified_split(df, [0.1, 0.1], seed=0):
         assert sorted(part.get_column(LABEL).unique().to_list()) == ["a", "b", "c"]
+
+
+def prepare_csv(tmp_path, df, cfg=None, test_df=None):
+    """Run prepare on `df` written as CSV (and `test_df` as the test file); returns the meta."""
+    from flytetune.config import FinetuneConfig
+    from flytetune.data import copy_dataset
+    from flytetune.prepare import prepare
+
+    df.write_csv(tmp_path / "d.csv")
+    test_uri = None
+    if test_df is not None:
+        test_df.write_csv(tmp_path / "t.csv")
+        test_uri = str(tmp_path / "t.csv")
+    copy_dataset(str(tmp_path / "d.csv"), tmp_path / "raw", test_uri=test_uri)
+    return prepare(tmp_path / "raw", tmp_path / "prepared", cfg or FinetuneConfig())
+
+
+def test_single_class_is_refused_before_training(tmp_path):
+    with pytest.raises(DataError, match=r"d.csv: label column 'label' has only class 'a'; a classifier needs at "
+                                        r"least two classes$"):
+        prepare_csv(tmp_path, frame(classes=("a",)))
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        ([0.1, 0.2, 0.3], "Float64"),
+        ([{"c": "clothing"}, {"c": "food"}, {"c": "rent"}], "Struct"),
+        ([["clothing"], ["food"], ["rent"]], "List(String)"),
+    ],
+    ids=["float", "struct", "list"],
+)
+def test_label_column_of_other_types_is_refused(values, dtype):
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(9)], "label": [values[i % 3] for i in range(9)]})
+    with pytest.raises(DataError, match=rf"^src: label column 'label' has type {re.escape(dtype)}.*; it must hold "
+                                        r"strings, integers or booleans \(set data.label_column or convert"):
+        validate(df, "src", CFG)
+
+
+def test_label_types_read_from_files_are_refused(tmp_path):
+    # Struct and list labels as they come out of JSON lines, through read_table: one line, no polars traceback.
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(f'{{"text": "t{i}", "label": ["x{i % 3}"]}}\n' for i in range(9)))
+    with pytest.raises(DataError, match=r"d.jsonl: label column 'label' has type List\(String\)"):
+        validate(read_table(path), str(path), CFG)
+
+
+def test_boolean_and_categorical_labels_become_strings():
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(9)], "label": [i % 2 == 0 for i in range(9)]})
+    assert validate(df, "src", CFG).get_column(LABEL).unique().sort().to_list() == ["false", "true"]
+    df = df.with_columns(pl.Series("label", ["x", "y", "z"] * 3, dtype=pl.Categorical),
+                         pl.col("text").cast(pl.Enum([f"t{i}" for i in range(9)])))
+    out = validate(df, "src", CFG)
+    assert out.schema[TEXT] == pl.String and out.get_column(LABEL).to_list()[:3] == ["x", "y", "z"]
+
+
+@pytest.mark.parametrize(("values", "dtype"), [(list(range(30)), "Int64"), ([["a", "b"]] * 30, "List(String)")],
+                         ids=["numbers", "lists"])
+def test_text_column_of_other_types_is_refused(values, dtype):
+    df = pl.DataFrame({"text": values, "label": ["a", "b", "c"] * 10})
+    with pytest.raises(DataError, match=rf"^src: text column 'text' has type {re.escape(dtype)}; it must hold "
+                                        r"text \(strings\)"):
+        validate(df, "src", CFG)
+
+
+def test_max_rows_is_an_upper_bound_with_many_classes():
+    # One large class and 100 of 5 rows: the old "at least 3 per class" rule kept 700 rows for max_rows=600.
+    classes = tuple(f"c{i:03d}" for i in range(100))
+    df = validate(pl.concat([frame(n_per_class=1000, classes=("big",)), frame(n_per_class=5, classes=classes)]),
+                  "src", CFG)
+    cfg = DataConfig(max_rows=600, min_examples_per_class=3)
+    out = subsample(df, cfg, "src")
+    counts = dict(out.group_by(LABEL).len().iter_rows())
+    assert out.height == 600 and len(counts) == 101 and min(counts.values()) == 3 and counts["big"] == 300
+    assert out.equals(subsample(df, cfg, "src")), "deterministic"
+
+
+def test_max_rows_keeps_class_shares():
+    df = validate(pl.concat([frame(n_per_class=100, classes=("a",)), frame(n_per_class=20, classes=("b", "c"))]),
+                  "src", CFG)
+    out = subsample(df, DataConfig(max_rows=70, min_examples_per_class=5), "src")
+    assert dict(out.group_by(LABEL).len().sort(LABEL).iter_rows()) == {"a": 50, "b": 10, "c": 10}
+
+
+def test_max_rows_too_small_for_the_classes():
+    df = validate(frame(n_per_class=10, classes=tuple(f"c{i}" for i in range(100))), "src", CFG)
+    with pytest.raises(DataError, match=r"^src: data.max_rows=400 is too small for 100 classes with "
+                                        r"data.min_examples_per_class=5 \(needs at least 500\)"):
+        subsample(df, DataConfig(max_rows=400, min_examples_per_class=5), "src")
+
+
+def test_test_fraction_zero_needs_a_test_file(tmp_path):
+    cfg = FinetuneConfig(data=DataConfig(test_fraction=0.0))
+    with pytest.raises(ConfigError, match=r"^data.test_fraction: is 0 but no test file was given"):
+        prepare_csv(tmp_path, frame(), cfg)
+
+
+def test_test_fraction_zero_with_a_test_file(tmp_path):
+    cfg = FinetuneConfig(data=DataConfig(test_fraction=0.0, min_examples_per_class=3))
+    meta = prepare_csv(tmp_path, frame(), cfg, test_df=frame(n_per_class=2).with_columns(pl.col("text") + " t"))
+    assert meta["rows"] == {"train": 27, "validation": 3, "test": 6}
+
+
+def test_every_split_must_be_non_empty(tmp_path, monkeypatch):
+    from flytetune import prepare as preparation
+
+    monkeypatch.setattr(preparation, "stratified_split", lambda df, fractions, seed: [df, df.clear(), df])
+    with pytest.raises(DataError, match=r"d.csv: the validation split is empty"):
+        prepare_csv(tmp_path, frame())
+    assert not (tmp_path / "prepared").exists(), "fails before the tokenizer writes anything"
+
+
+def test_empty_dataset_uri(tmp_path):
+    with pytest.raises(DataError, match=r"^dataset_uri is empty; give a CSV, parquet or JSON lines file$"):
+        copy_dataset("", tmp_path)
+    assert not (tmp_path / "sources.json").exists()
+
+
+@pytest.mark.parametrize("name", ["data.parquet", "data"])
+def test_directory_as_dataset(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "part-0.parquet").write_bytes(b"x")
+    with pytest.raises(DataError, match=rf"{name}: is a directory; dataset_uri must name a CSV, parquet or "
+                                        r"JSON lines file$"):
+        copy_dataset(str(folder), tmp_path / "raw")
+    with pytest.raises(DataError, match=rf"{name}: is a directory; test_uri must name"):
+        frame().write_csv(tmp_path / "d.csv")
+        copy_dataset(str(tmp_path / "d.csv"), tmp_path / "raw", test_uri=str(folder))

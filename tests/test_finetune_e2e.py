@@ -41,27 +41,41 @@ def test_workflow_reads_from_s3_and_publishes_to_s3(tmp_path, in_repo, s3_bucket
 
 
 def test_published_model_loads_back_with_same_predictions(tmp_path, prepared_tiny, trained_tiny, tiny_cfg):
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from flytetune.data import LABEL, TEXT, read_table, stratified_split, subsample, validate
     from flytetune.evaluate import evaluate, predict_logits
     from flytetune.prepare import load_meta
     from flytetune.store import FeatureStore
 
     metrics = evaluate(trained_tiny, prepared_tiny)
+    meta = load_meta(prepared_tiny)
     run_uri = artifacts.publish(trained_tiny, str(tmp_path), "m", metrics=metrics, config=tiny_cfg.to_dict(),
-                                data_meta=load_meta(prepared_tiny))
+                                data_meta=meta)
     model = AutoModelForSequenceClassification.from_pretrained(run_uri)
     tokenizer = AutoTokenizer.from_pretrained(run_uri)
     store = FeatureStore(prepared_tiny / "test")
-    predictions = predict_logits(model, store, 64, tokenizer.pad_token_id).argmax(axis=1)
+    logits = predict_logits(model, store, 64, tokenizer.pad_token_id)
+    predictions = logits.argmax(axis=1)
     assert float((predictions == store.labels()).mean()) == pytest.approx(metrics["accuracy"])
-    # Raw text through the published tokenizer gives the same label as the stored tokens.
-    text = "TESCO STORES 3411 LONDON"
-    encoded = tokenizer([text], return_tensors="pt")
-    label = model.config.id2label[int(model(**encoded).logits.argmax())]
-    assert label in load_meta(prepared_tiny)["labels"]
-    assert np.array_equal(np.array(json.loads(Path(run_uri, "label_map.json").read_text())["labels"]),
-                          np.array(load_meta(prepared_tiny)["labels"]))
+    assert json.loads(Path(run_uri, "label_map.json").read_text())["labels"] == meta["labels"]
+
+    # Raw text through the published tokenizer gives the stored tokens and the same labels: the test
+    # split's texts, rebuilt from the sample the way prepare splits it.
+    data_cfg = tiny_cfg.data
+    frame = subsample(validate(read_table(SAMPLE), "sample", data_cfg), data_cfg, "sample")
+    test = stratified_split(frame, [data_cfg.validation_fraction, data_cfg.test_fraction], data_cfg.split_seed)[2]
+    texts = test.get_column(TEXT).to_list()
+    assert [meta["label2id"][label] for label in test.get_column(LABEL)] == store.labels().tolist()
+    encoded = tokenizer(texts, truncation=True, max_length=meta["max_length"])["input_ids"]
+    assert all(list(ids) == store[i]["input_ids"].tolist() for i, ids in enumerate(encoded))
+    with torch.no_grad():
+        raw_logits = model(**tokenizer(texts, truncation=True, max_length=meta["max_length"], padding=True,
+                                       return_tensors="pt")).logits.numpy()
+    np.testing.assert_allclose(raw_logits, logits, atol=1e-4)
+    raw_labels = [model.config.id2label[int(i)] for i in raw_logits.argmax(axis=1)]
+    assert raw_labels == [meta["labels"][i] for i in predictions]
 
 
 def test_separate_test_file_is_used_for_metrics(tmp_path, tiny_cfg):
@@ -77,7 +91,8 @@ def test_separate_test_file_is_used_for_metrics(tmp_path, tiny_cfg):
     run_uri, metrics = run(cfg, str(train_path), str(tmp_path / "bucket"), test_uri=str(test_path))
     meta = json.loads(Path(run_uri, "data_meta.json").read_text())
     assert meta["test_source"] == "test_uri" and meta["rows"]["test"] == 120 == metrics["n_examples"]
-    assert "test" not in [k for k, v in meta["rows"].items() if v == 0]
+    # The test rows are not carved out of the dataset: its max_rows rows all go to train and validation.
+    assert meta["rows"]["train"] + meta["rows"]["validation"] == cfg.data.max_rows == 400
 
 
 def cli(*args, cwd=REPO):
@@ -91,6 +106,12 @@ BAD_INPUTS = {
     "non-UTF-8 bytes": ("bad.csv", "text,label\ncaf\u00e9,a\n".encode("latin-1"), "not valid UTF-8 at byte"),
     "single example": ("bad.csv", b"text,label\n" + b"".join(b"t%d,a\n" % i for i in range(9)) + b"solo,b\n",
                        "class 'b' has 1 example(s)"),
+    "single class": ("bad.csv", b"text,label\n" + b"".join(b"t%d,a\n" % i for i in range(20)),
+                     "bad.csv: label column 'label' has only class 'a'; a classifier needs at least two classes"),
+    "float labels": ("bad.csv", b"text,label\n" + b"".join(b"t%d,0.%d\n" % (i, i % 3) for i in range(30)),
+                     "bad.csv: label column 'label' has type Float64"),
+    "list labels": ("bad.jsonl", b"".join(b'{"text": "t%d", "label": ["x%d"]}\n' % (i, i % 3) for i in range(30)),
+                    "bad.jsonl: label column 'label' has type List(String)"),
 }
 
 
@@ -113,12 +134,21 @@ def test_bad_dataset_fails_with_one_clear_line(tmp_path, case):
         (["--set", "train.epoch=2"], "train.epoch: unknown key (did you mean train.epochs?)"),
         (["--set", "train.epochs=two"], "train.epochs: expected int, got 'two'"),
         (["--dataset_uri", "no/such/file.csv"], "no/such/file.csv"),
+        (["--dataset_uri", ""], "error: dataset_uri is empty; give a CSV, parquet or JSON lines file"),
+        (["--dataset_uri", "flytetune"], "flytetune: is a directory; dataset_uri must name a CSV, parquet or JSON"),
+        (["--set", "data.test_fraction=0"], "error: data.test_fraction: is 0 but no test file was given"),
+        (["--set", "data.max_rows=40"], "data.max_rows=40 is too small for 17 classes with "
+                                        "data.min_examples_per_class=5 (needs at least 85)"),
+        (["--set", "model.backbone=this"], "model.backbone: 'this' is an installed module but not a model package"),
     ],
-    ids=["unknown key", "wrong type", "missing path"],
+    ids=["unknown key", "wrong type", "missing path", "empty dataset", "directory", "test_fraction 0",
+         "max_rows too small", "backbone not a model"],
 )
 def test_bad_config_or_path_fails_before_training(tmp_path, args, message):
     result = cli("--config", str(TINY_CONFIG), "--output_uri", str(tmp_path / "bucket"), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Zen of Python" not in result.stdout
     assert "training" not in result.stderr, "fails before any training starts"
     assert not (tmp_path / "bucket").exists()
 

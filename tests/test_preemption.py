@@ -5,8 +5,11 @@ Flyte execution id (the run-scoped checkpoint prefix every attempt shares). Each
 reruns it like a Flyte retry would, and compares the final weights with an uninterrupted run.
 """
 
+import logging
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flytetune import checkpoint
+from flytetune import checkpoint, pipeline
 from flytetune.preemption import EXIT_PREEMPTED
 from tests.conftest import REPO, TINY_CONFIG
 
@@ -33,9 +36,9 @@ class Training:
     """One run of `python -m flytetune.train` whose output is read line by line."""
 
     def __init__(self, tmp: Path, backbone: Path, run_id: str | None = "run", checkpoints: bool = True,
-                 checkpoint_uri: str | None = None):
+                 checkpoint_uri: str | None = None, extra: tuple[str, ...] = ()):
         ckpt = f"checkpoint.uri={checkpoint_uri or tmp / 'ckpt'}" if checkpoints else "checkpoint.uri=null"
-        args = [*ARGS, "--set", f"model.backbone={backbone}", "--set", ckpt, "--output_uri", str(tmp / "out")]
+        args = [*ARGS, "--set", f"model.backbone={backbone}", "--set", ckpt, "--output_uri", str(tmp / "out"), *extra]
         if run_id:
             args += ["--run_id", run_id]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -170,6 +173,45 @@ def test_attempts_share_the_run_prefix(tmp_path, reference, tiny_backbone):
     assert code == 0, output3
     assert resumed_step(output3) == saved_by_attempt1
     assert_same_weights(published_weights(output3), reference)
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_own_progress_beats_from_checkpoint(tmp_path, reference,
+                                                                                    tiny_backbone):
+    """A retry whose newest checkpoint does not verify continues from the newest one that does,
+    saying which it skipped; and the run's own checkpoint wins over an explicit --from_checkpoint."""
+    run = Training(tmp_path, tiny_backbone)
+    run.wait_for_step(10)
+    run.kill()
+    run.finish()
+    assert complete_steps(tmp_path)[-2:] == [4, 8]
+    weights = tmp_path / "ckpt/run/step-000008/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    other = tmp_path / "ckpt/other/step-000004"
+    shutil.copytree(tmp_path / "ckpt/run/step-000004", other)
+
+    code, output = Training(tmp_path, tiny_backbone, extra=("--from_checkpoint", str(other))).finish()
+    assert code == 0, output
+    assert re.search(r"skipping checkpoint \S+/run/step-000008, it does not load: \S+model.safetensors: checksum",
+                     output)
+    assert f"run run has its own checkpoint step-000004; continuing it instead of --from_checkpoint {other}" in output
+    assert resumed_step(output) == 4 and "/run/step-000004 at step" in output
+    assert_same_weights(published_weights(output), reference)
+
+
+@pytest.mark.parametrize("run_id", [None, "given-id"])
+def test_cli_logs_the_command_that_continues_the_run(tmp_path, caplog, run_id):
+    argv = ["--config", str(TINY_CONFIG), "--set", f"checkpoint.uri={tmp_path / 'ckpt'}",
+            "--dataset_uri", str(tmp_path / "missing.csv"), *(["--run_id", run_id] if run_id else [])]
+    with caplog.at_level(logging.INFO):
+        assert pipeline.main(argv) == 2  # fails after the line, on the missing dataset
+    line = next(r.getMessage() for r in caplog.records if "to continue this run after a crash" in r.getMessage())
+    logged_id = re.match(r"run id (\S+);", line).group(1)
+    assert logged_id == run_id or (run_id is None and logged_id)
+    rerun = shlex.split(line.split("rerun: ", 1)[1])
+    without_id = [a for a in argv if a not in ("--run_id", run_id)]
+    assert rerun == [sys.executable, "-m", "flytetune.train", *without_id, "--run_id", logged_id]
 
 
 def test_resumes_from_an_s3_checkpoint(tmp_path, reference, tiny_backbone, s3_bucket):

@@ -46,5 +46,6 @@ def finetune(
     run.cfg >> dataset
     prepared = prepare(raw_uri=dataset, cfg=run.cfg)
     model = train_on_preset(prepared=prepared, cfg=run.cfg, resume_from=run.resume_from, preset=preset)
-    metrics = evaluate(model=model, prepared=prepared, cfg=run.cfg)
-    return publish(model=model, prepared=prepared, metrics=metrics, cfg=run.cfg, output_uri=run.output_uri)
+    evaluated = evaluate(model=model, prepared=prepared, cfg=run.cfg)
+    return publish(model=model, prepared=prepared, metrics=evaluated.metrics, details=evaluated.details,
+                   cfg=run.cfg, output_uri=run.output_uri)

@@ -6,19 +6,21 @@ importing it costs nothing); everything else speaks URIs:
     copy(src, dst)               one object, verified, atomic at the destination
     sync(src_prefix, dst_prefix) every object under a prefix, parallel and incremental
     ls, exists, read_bytes, write_bytes, read_text, write_text, remove
+    check_writable(prefix)       fail early, in one line, where outputs could not be written
 
 CLI: python -m flytetune.storage copy|sync SRC DST [--concurrency N]
 """
 
+import os
 from pathlib import Path
 
 from flytetune.storage import gcs as _gcs
 from flytetune.storage import s3 as _s3
-from flytetune.storage.transfer import TransferStats, backend, copy, sync
+from flytetune.storage.transfer import TransferStats, backend, check_local_targets, copy, sync
 from flytetune.storage.uri import StorageError, is_local, local_path, parse
 
-__all__ = ["StorageError", "TransferStats", "copy", "exists", "is_local", "local_path", "ls", "read_bytes",
-           "read_text", "remove", "reset_clients", "sync", "write_bytes", "write_text"]
+__all__ = ["StorageError", "TransferStats", "check_writable", "copy", "exists", "is_local", "local_path", "ls",
+           "read_bytes", "read_text", "remove", "reset_clients", "sync", "write_bytes", "write_text"]
 
 
 def _join(uri: str, relative: str) -> str:
@@ -70,6 +72,31 @@ def remove(uri: str) -> None:
     """Delete an object, or every object under a prefix."""
     loc = parse(uri)
     backend(loc).remove(loc)
+
+
+PROBE_PREFIX = ".flytetune-write-probe-"
+
+
+def check_writable(uri: str) -> None:
+    """Write and delete a small probe object under the prefix `uri`; StorageError (one line naming `uri`
+    and the cause) if that fails: a missing bucket, no permission, a local path that is a file...
+
+    Run it before hours of work whose output goes to `uri`. Nothing is left behind on success.
+    """
+    loc = parse(uri)  # an unsupported scheme is a StorageError naming the URI
+    probe = loc.child(f"{PROBE_PREFIX}{os.urandom(6).hex()}")
+    try:
+        if loc.scheme == "file":
+            check_local_targets([(uri, Path(probe.key))])
+        backend(loc).write_bytes(probe, b"flytetune write probe\n")
+        backend(loc).remove(probe)
+    except StorageError as e:
+        cause = str(e)
+        for prefix in (f"{uri}: ", f"{probe}: "):
+            cause = cause.removeprefix(prefix)
+        raise StorageError(f"{uri}: not writable ({cause})") from None
+    except OSError as e:
+        raise StorageError(f"{uri}: not writable ({e.strerror or type(e).__name__})") from None
 
 
 def reset_clients() -> None:

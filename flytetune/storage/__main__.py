@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst")
     parser.add_argument("--concurrency", type=int, default=None, help="parallel object transfers (default 16)")
     args = parser.parse_args(argv)
+    if args.concurrency is not None and args.concurrency < 1:
+        print(f"error: --concurrency must be at least 1 (got {args.concurrency})", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The SDKs log where they found credentials and endpoints at INFO: noise next to our progress lines.
     for sdk in ("botocore", "boto3", "s3transfer", "urllib3", "google"):

@@ -4,6 +4,10 @@ Credentials come from Application Default Credentials (Workload Identity on GKE)
 `STORAGE_EMULATOR_HOST` is set, the client library talks to that emulator; it then needs
 anonymous credentials and a project name, which is the documented way to use an emulator.
 Every object carries a CRC32C, which uploads and downloads verify.
+
+Every call passes `retry=_retry()`: the library's retry (throttling, 5xx, resets, with backoff) except
+that an endpoint that cannot be reached at all is tried only CONNECT_ATTEMPTS times, and `timeout=`
+with a short connect timeout.
 """
 
 import base64
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from flytetune.storage.checksums import Digest, file_digest
 from flytetune.storage.clients import PerProcess
+from flytetune.storage.network import CONNECT_ATTEMPTS, endpoint_of, find_url, unreachable_cause
 from flytetune.storage.objects import ObjectInfo
 from flytetune.storage.uri import Location, StorageError
 
@@ -30,11 +35,34 @@ def _make_client():
 _client = PerProcess(_make_client)
 client, reset = _client.get, _client.reset
 
+TIMEOUT = (5, 60)  # (connect, read) seconds
+
+
+def _retry():
+    """A fresh Retry per call: it counts that call's failed connections."""
+    from google.cloud.storage.retry import DEFAULT_RETRY, _should_retry
+
+    failed_connects = 0
+
+    def predicate(exc: Exception) -> bool:
+        nonlocal failed_connects
+        if unreachable_cause(exc) is not None:
+            failed_connects += 1
+            return failed_connects < CONNECT_ATTEMPTS
+        return _should_retry(exc)
+
+    return DEFAULT_RETRY.with_predicate(predicate)  # its backoff: 1 s doubling, 120 s deadline
+
 
 def _error(loc: Location, exc: Exception) -> StorageError:
     from google.api_core import exceptions as gexc
     from google.auth.exceptions import DefaultCredentialsError
 
+    if isinstance(exc, gexc.RetryError) and exc.cause is not None:
+        exc = exc.cause  # the retry deadline passed: report what kept failing
+    cause = unreachable_cause(exc)
+    if cause is not None:
+        return StorageError(f"{loc}: cannot connect to {endpoint_of(find_url(exc))} ({cause})")
     if isinstance(exc, DefaultCredentialsError):
         return StorageError(f"{loc}: no Google Cloud credentials found (Application Default Credentials)")
     if isinstance(exc, gexc.NotFound):
@@ -46,7 +74,8 @@ def _error(loc: Location, exc: Exception) -> StorageError:
         return StorageError(f"{loc}: access denied")
     if type(exc).__name__ == "DataCorruption":
         return StorageError(f"{loc}: downloaded bytes do not match the object's CRC32C")
-    return StorageError(f"{loc}: GCS error {type(exc).__name__}")
+    detail = str(exc).strip().splitlines()
+    return StorageError(f"{loc}: GCS error {type(exc).__name__}" + (f": {detail[0]}" if detail else ""))
 
 
 def _md5_hex(b64: str | None) -> str | None:
@@ -62,14 +91,15 @@ class GCSBackend:
     def list(self, loc: Location) -> list[ObjectInfo]:
         prefix = loc.key.rstrip("/") + "/" if loc.key else ""
         try:
+            blobs = client().list_blobs(loc.bucket, prefix=prefix, timeout=TIMEOUT, retry=_retry())
             return [ObjectInfo(b.name, b.size, crc32c=b.crc32c, md5=_md5_hex(b.md5_hash))
-                    for b in client().list_blobs(loc.bucket, prefix=prefix) if not b.name.endswith("/")]
+                    for b in blobs if not b.name.endswith("/")]
         except Exception as e:  # noqa: BLE001 - every SDK error becomes one StorageError line
             raise _error(loc, e) from None
 
     def stat(self, loc: Location) -> ObjectInfo | None:
         try:
-            blob = self._bucket(loc).get_blob(loc.key)
+            blob = self._bucket(loc).get_blob(loc.key, timeout=TIMEOUT, retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
         return None if blob is None else ObjectInfo(blob.name, blob.size, crc32c=blob.crc32c,
@@ -78,13 +108,14 @@ class GCSBackend:
     def is_prefix(self, loc: Location) -> bool:
         try:
             return any(True for _ in client().list_blobs(loc.bucket, prefix=loc.key.rstrip("/") + "/",
-                                                           max_results=1))
+                                                           max_results=1, timeout=TIMEOUT, retry=_retry()))
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
 
     def get(self, loc: Location, dest: Path, expected: ObjectInfo) -> tuple[Digest, ObjectInfo]:
         try:
-            self._bucket(loc).blob(loc.key).download_to_filename(str(dest), checksum="crc32c")
+            self._bucket(loc).blob(loc.key).download_to_filename(str(dest), checksum="crc32c", timeout=TIMEOUT,
+                                                               retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
         return file_digest(dest), expected  # GCS always records a CRC32C
@@ -93,19 +124,21 @@ class GCSBackend:
         try:
             blob = self._bucket(loc).blob(loc.key)
             blob.crc32c = digest.crc32c  # the server rejects the upload if the bytes do not match
-            blob.upload_from_filename(str(path), checksum="crc32c")
+            blob.upload_from_filename(str(path), checksum="crc32c", timeout=TIMEOUT, retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
 
     def read_bytes(self, loc: Location) -> bytes:
         try:
-            return self._bucket(loc).blob(loc.key).download_as_bytes(checksum="crc32c")
+            return self._bucket(loc).blob(loc.key).download_as_bytes(checksum="crc32c", timeout=TIMEOUT,
+                                                                   retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
 
     def write_bytes(self, loc: Location, data: bytes) -> None:
         try:
-            self._bucket(loc).blob(loc.key).upload_from_string(data, checksum="crc32c")
+            self._bucket(loc).blob(loc.key).upload_from_string(data, checksum="crc32c", timeout=TIMEOUT,
+                                                             retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
 
@@ -114,7 +147,7 @@ class GCSBackend:
             names = [o.key for o in self.list(loc)] or [loc.key]
             bucket = self._bucket(loc)
             for name in names:
-                bucket.blob(name).delete()
+                bucket.blob(name).delete(timeout=TIMEOUT, retry=_retry())
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001

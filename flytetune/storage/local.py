@@ -11,10 +11,32 @@ from flytetune.storage.uri import Location, StorageError
 
 
 def temp_beside(path: Path) -> Path:
+    """A new empty file next to `path`, for writing it and renaming it into place.
+
+    The name is cut short so that a target name near the file system's limit still fits; the file
+    gets the mode a plain `open()` would (mkstemp makes it 0600, which the rename would publish).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".part", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread, for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the only other way
+    os.umask(mask)
+    return mask
 
 
 class LocalBackend:

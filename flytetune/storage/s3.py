@@ -3,13 +3,16 @@
 The endpoint, region and credentials come from boto3's standard chains (`AWS_ENDPOINT_URL`,
 `AWS_PROFILE`, IRSA, instance profiles, Flyte secrets mounted as env vars); nothing here
 overrides them. Throttling (503 SlowDown, 429) and connection resets are retried by botocore's
-adaptive retry mode with backoff.
+adaptive retry mode with backoff; an endpoint that cannot be reached at all (connection refused,
+DNS, TLS, connect timeout) is tried only CONNECT_ATTEMPTS times, quickly, then reported in words.
 """
 
+import random
 from pathlib import Path
 
 from flytetune.storage.checksums import CHUNK, Digest, bytes_digest, digest_for
 from flytetune.storage.clients import PerProcess
+from flytetune.storage.network import CONNECT_ATTEMPTS, endpoint_of, find_url, unreachable_cause
 from flytetune.storage.objects import ObjectInfo
 from flytetune.storage.uri import Location, StorageError
 
@@ -21,13 +24,35 @@ SINGLE_REQUEST_MAX = 16 << 20
 # 64 MiB parts: fewer requests per object (s5cmd uses 50 MB); still 160 parts under S3's 10,000 limit at 10 GiB.
 PART_SIZE = 64 << 20
 IO_CHUNK = 1 << 20
+CONNECT_TIMEOUT_S = 5
+
+
+MAX_ATTEMPTS = 10
+
+
+def _retry_policy(attempts: int, response=None, caught_exception=None, **_) -> float | bool | None:
+    """needs-retry hook, asked before botocore's own retry handler; None leaves the decision to it.
+
+    An endpoint that cannot be reached gets a few quick tries (botocore would back off for 1.5 minutes
+    and then say little). A 429 is throttling whatever its error code (S3-compatible stores send
+    codes botocore's standard mode does not know): jittered exponential backoff, like botocore's.
+    """
+    if caught_exception is not None and unreachable_cause(caught_exception) is not None:
+        return False if attempts >= CONNECT_ATTEMPTS else 0.25 * attempts
+    if response is not None and response[0].status_code == 429:
+        return False if attempts >= MAX_ATTEMPTS else random.uniform(0, min(20.0, 2.0 ** (attempts - 1)))
+    return None
+
 
 def _make_client():
     import boto3
     from botocore.config import Config
 
-    config = Config(max_pool_connections=64, retries={"max_attempts": 10, "mode": "adaptive"}, tcp_keepalive=True)
-    return boto3.session.Session().client("s3", config=config)
+    config = Config(max_pool_connections=64, retries={"max_attempts": MAX_ATTEMPTS, "mode": "adaptive"},
+                    tcp_keepalive=True, connect_timeout=CONNECT_TIMEOUT_S)
+    s3 = boto3.session.Session().client("s3", config=config)
+    s3.meta.events.register_first("needs-retry.s3", _retry_policy, unique_id="flytetune-unreachable")
+    return s3
 
 
 # boto3 clients are thread-safe: the transfer threads of a process share one.
@@ -51,8 +76,11 @@ def _error(loc: Location, exc: Exception) -> StorageError:
         return StorageError(f"{loc}: no AWS credentials found (environment, ~/.aws, or the pod's role)")
     if isinstance(exc, InvalidConfigError):  # e.g. a web identity token file but no AWS_ROLE_ARN; names no secret
         return StorageError(f"{loc}: AWS credentials are misconfigured: {exc}")
+    cause = unreachable_cause(exc)
+    if cause is not None:
+        return StorageError(f"{loc}: cannot connect to {endpoint_of(find_url(exc))} ({cause})")
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"{loc}: cannot reach the S3 endpoint")
+        return StorageError(f"{loc}: cannot reach the S3 endpoint {endpoint_of(find_url(exc))}")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code == "NoSuchBucket":
@@ -158,6 +186,12 @@ class S3Backend:
         try:
             for start in range(0, len(keys), 1000):
                 batch = [{"Key": k} for k in keys[start:start + 1000]]
-                client().delete_objects(Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True})
+                response = client().delete_objects(Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True})
+                failed = response.get("Errors") or []  # a Quiet batch reports per-key failures, not raises
+                if failed:
+                    raise StorageError(f"s3://{loc.bucket}/{failed[0].get('Key')}: not deleted "
+                                       f"({failed[0].get('Code')}; {len(failed)} of {len(batch)} in the batch)")
+        except StorageError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None

@@ -92,6 +92,8 @@ def transfer(src: Location, info: ObjectInfo, dst: Location) -> int:
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return _transfer_once(src, info, dst)
+        except OSError as e:  # local disk: full, permissions, a name the file system refuses
+            raise StorageError(f"{e.filename or dst}: {e.strerror or type(e).__name__}") from None
         except _Mismatch:
             log.warning("%s: checksum mismatch (attempt %d of %d)", src, attempt, ATTEMPTS)
     raise StorageError(f"{src}: content does not match its recorded size/checksum after {ATTEMPTS} attempts; "
@@ -160,6 +162,50 @@ def _relative(root: Location, info: ObjectInfo) -> str:
     return safe_relative(rel, f"{root}")
 
 
+def _name_max(path: Path) -> tuple[int, int]:
+    """NAME_MAX and PATH_MAX (bytes) of the file system that `path` would be created on."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 255, 4096
+
+
+def check_local_targets(targets: list[tuple[str, Path]]) -> None:
+    """Refuse, before anything is written, a set of local target files that cannot all be created:
+    a name too long for the file system, two keys where one needs a file and the other a folder of
+    the same name (`a` and `a/b`), or an existing file/folder in the way. `targets` is (key, path)."""
+    if not targets:
+        return
+    name_max, path_max = _name_max(targets[0][1])
+    files = {path: key for key, path in targets}
+    folders: dict[Path, str] = {}
+    for key, path in targets:
+        if len(os.fsencode(path)) > path_max:
+            raise StorageError(f"{key}: local path too long ({len(os.fsencode(path))} bytes; "
+                               f"the limit is {path_max}): {path}")
+        for part in path.parts:
+            if len(os.fsencode(part)) > name_max:
+                raise StorageError(f"{key}: file name too long for the local file system "
+                                   f"({len(os.fsencode(part))} bytes; the limit is {name_max}): {part[:40]}...")
+        for parent in path.parents:
+            if parent in files:
+                raise StorageError(f"{key}: clashes with {files[parent]}: one needs {parent} to be a file, "
+                                   "the other a folder")
+            if parent in folders:
+                break  # this folder and its ancestors were checked for another key
+            folders[parent] = key
+            if parent.exists() or parent.is_symlink():
+                if not parent.is_dir():
+                    raise StorageError(f"{key}: {parent} exists and is not a folder")
+                break
+        if path.is_dir():
+            where = "" if key == str(path) else f" {path}"
+            raise StorageError(f"{key}:{where} is an existing folder; give the full target path of the object")
+
+
 def copy(src: str, dst: str, *, concurrency: int | None = None) -> TransferStats:
     """Copy one object or file to `dst` (the full target URI)."""
     s, d = parse(src), parse(dst)
@@ -168,6 +214,8 @@ def copy(src: str, dst: str, *, concurrency: int | None = None) -> TransferStats
         if backend(s).is_prefix(s):
             raise StorageError(f"{src}: is a prefix (folder); use sync to copy everything under it")
         raise StorageError(f"{src}: no such object" if s.scheme != "file" else f"{src}: no such file or directory")
+    if d.scheme == "file":
+        check_local_targets([(dst, Path(d.key))])
     nbytes = transfer(s, info, d)
     return TransferStats(objects_copied=1, bytes_copied=nbytes)
 
@@ -182,7 +230,14 @@ def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None) ->
     sources = backend(s).list(s)
     if not sources:
         raise StorageError(f"{src_prefix}: no objects under this prefix")
-    plan = [(s_info, _relative(s, s_info)) for s_info in sources]  # rejects unsafe keys before copying any
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    # The whole plan is checked before any object is written: unsafe keys, and locally, names that
+    # cannot be created (too long, or `a` and `a/b` in one sync).
+    plan = [(s_info, _relative(s, s_info)) for s_info in sources]
+    if d.scheme == "file":
+        check_local_targets([(str(Location(s.scheme, s.bucket, info.key)), Path(d.child(rel).key))
+                             for info, rel in plan])
     existing = {_relative(d, info): info for info in backend(d).list(d)}
     stats = TransferStats()
     progress = Progress(f"sync {src_prefix} -> {dst_prefix}", len(plan), sum(i.size for i, _ in plan))
@@ -203,7 +258,7 @@ def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None) ->
             stats.bytes_copied += nbytes
         progress.advance(nbytes)
 
-    workers = concurrency or DEFAULT_CONCURRENCY
+    workers = DEFAULT_CONCURRENCY if concurrency is None else concurrency
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
         futures = [pool.submit(work, item) for item in plan]
         try:
