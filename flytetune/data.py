@@ -18,8 +18,10 @@ from flytetune.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-# Relative to the project root: valid in a checkout and in the image's working directory.
+# The workflow's default, relative to the project root: valid in a checkout and in the image's working
+# directory (a cluster's pod). The CLI, run from anywhere, takes the installed file.
 DEFAULT_DATASET_URI = "flytetune/sample/transactions.parquet"
+SAMPLE_DATASET = Path(__file__).resolve().parent / "sample" / "transactions.parquet"
 READERS = {
     ".csv": "csv",
     ".parquet": "parquet",

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from flytetune import artifacts, checkpoint, distributed, locations
 from flytetune.artifacts import summary
+from flytetune.backbone import resolve_backbone
 from flytetune.config import AUTO, DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
-from flytetune.data import DEFAULT_DATASET_URI, DataError, copy_dataset
+from flytetune.data import DEFAULT_DATASET_URI, SAMPLE_DATASET, DataError, copy_dataset
 from flytetune.evaluate import evaluate
 from flytetune.preemption import EXIT_PREEMPTED, Preempted
 from flytetune.prepare import prepare
@@ -42,6 +43,7 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     Runs that share `run_id` share a checkpoint prefix: running again after a crash or a
     preemption continues from the newest complete checkpoint.
     """
+    resolve_backbone(cfg.model.backbone)
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root=None)
     locations.check_writable(cfg, output_uri)
     resume_from = checkpoint.resolve_resume(cfg, from_checkpoint)
@@ -80,7 +82,8 @@ def continue_command(argv: list[str], run_id: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flytetune.train", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config (default: %(default)s)")
-    parser.add_argument("--dataset_uri", default=DEFAULT_DATASET_URI, help="CSV, parquet or JSON lines file")
+    parser.add_argument("--dataset_uri", default=str(SAMPLE_DATASET),
+                        help="CSV, parquet or JSON lines file (default: the bundled sample)")
     parser.add_argument("--test_uri", default=None, help="optional held-out test file")
     parser.add_argument("--output_uri", default=DEFAULT_OUTPUT_URI, 
                         help="where run folders are published (auto: artifacts/)")

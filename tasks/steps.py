@@ -14,6 +14,7 @@ from flytekit.types.file import FlyteFile
 
 from flytetune import artifacts, data, locations, storage
 from flytetune import prepare as preparation
+from flytetune.backbone import resolve_backbone
 from flytetune.checkpoint_paths import resolve_resume
 from flytetune.config import FinetuneConfig, load_config, parse_overrides
 from flytetune.presets import load_preset
@@ -35,9 +36,10 @@ class Resolved(NamedTuple):
 def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str,
             from_checkpoint: Optional[str]) -> Resolved:
     """Check everything a user typed before data moves or a GPU starts: config, overrides, preset,
-    where checkpoints and models go (object storage on a cluster, writable), and `--from_checkpoint`."""
+    backbone, where checkpoints and models go (object storage on a cluster, writable), and `--from_checkpoint`."""
     load_preset(preset)
     cfg = load_config(config.to_dict(), parse_overrides(overrides))
+    resolve_backbone(cfg.model.backbone)
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root())
     locations.check_writable(cfg, output_uri)
     return Resolved(cfg=cfg, output_uri=output_uri, resume_from=resolve_resume(cfg, from_checkpoint))
