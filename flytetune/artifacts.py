@@ -12,10 +12,9 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from flytetune import storage
+from flytetune import scratch, storage
 from flytetune.naming import branch_tag
 from flytetune.storage.checksums import file_sha256
 from flytetune.storage.uri import safe_relative
@@ -70,7 +69,7 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
     if storage.exists(join(run_uri, MANIFEST)):
         raise FileExistsError(f"{run_uri}: already published (manifest.json exists)")
 
-    with tempfile.TemporaryDirectory(prefix="flytetune-publish-") as tmp:
+    with scratch.folder("publish") as tmp:
         staging = Path(tmp) / "run"
         shutil.copytree(model_dir, staging)
         for name, path in (extra_files or {}).items():

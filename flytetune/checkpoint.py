@@ -15,7 +15,6 @@ Loading uses safetensors and `torch.load(weights_only=True)`: a checkpoint canno
 """
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -23,12 +22,9 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import stat
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from flytetune import storage
+from flytetune import scratch, storage
 
 # Finding checkpoints needs no torch (the config checks run in the light image); re-exported here.
 from flytetune.checkpoint_paths import (  # noqa: F401
@@ -57,55 +53,6 @@ from flytetune.storage.checksums import CHUNK, file_sha256
 log = logging.getLogger(__name__)
 
 STATE = "trainer_state.json"
-# Local staging folders are named `flytetune-ckpt-<pid>-XXXX` (uploads) and `flytetune-restore-<pid>-XXXX`
-# (downloads), so that a later process can find and remove the ones a killed process left behind.
-_STAGING = re.compile(r"flytetune-(?:ckpt|restore)-(\d+)-")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_staging(tmp_dir: str | None = None) -> list[Path]:
-    """Remove staging folders in the temp directory whose owner process is gone; return them."""
-    removed = []
-    root = Path(tmp_dir or tempfile.gettempdir())
-    for path in root.iterdir() if root.is_dir() else []:
-        match = _STAGING.match(path.name)
-        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
-            continue
-        try:
-            info = path.lstat()
-        except FileNotFoundError:
-            continue
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s, left behind by process %s", path, match.group(1))
-            removed.append(path)
-    return removed
-
-
-def make_staging(kind: str) -> Path:
-    """A new local staging folder owned by this process (`kind`: ckpt or restore); stale ones go first."""
-    remove_stale_staging()
-    return Path(tempfile.mkdtemp(prefix=f"flytetune-{kind}-{os.getpid()}-"))
-
-
-@contextlib.contextmanager
-def staging(kind: str) -> Iterator[Path]:
-    """`make_staging`, removed on exit, exception or not."""
-    path = make_staging(kind)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
 @dataclass
 class TrainingProgress:
     """Where training stands: enough to continue exactly where it stopped."""
@@ -201,7 +148,7 @@ class CheckpointWriter:
     def __init__(self, uri: str, keep: int = 2):
         self.uri = uri.rstrip("/")
         self.keep = keep
-        self._staging = make_staging("ckpt")
+        self._staging = scratch.make("ckpt")
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: concurrent.futures.Future | None = None
         # Seconds the last complete save took end to end; the SIGTERM handler budgets with it.
@@ -322,7 +269,7 @@ def load(uri: str) -> Restored:
     """
     uri = uri.rstrip("/")
     manifest = read_manifest(uri)
-    with staging("restore") as local:
+    with scratch.folder("restore") as local:
         for name, expected in manifest["files"].items():
             _fetch_verified(f"{uri}/{name}", local / name, expected)
         state = _deserialize(uri, STATE, lambda: json.loads((local / STATE).read_text()))

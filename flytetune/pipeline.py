@@ -9,10 +9,9 @@ import json
 import logging
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
-from flytetune import artifacts, checkpoint, distributed, locations
+from flytetune import artifacts, checkpoint, distributed, locations, scratch
 from flytetune.artifacts import summary
 from flytetune.backbone import resolve_backbone
 from flytetune.config import AUTO, DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
@@ -50,7 +49,7 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     world = distributed.init()
     # Under torchrun (one node) rank 0 copies, prepares and publishes; every rank trains.
     run_id = distributed.from_main(world, run_id or artifacts.new_version())
-    with tempfile.TemporaryDirectory(prefix="flytetune-") as tmp:
+    with scratch.folder("work") as tmp:
         work = Path(distributed.from_main(world, str(work_dir or tmp)))
         if world.is_main:
             copy_dataset(dataset_uri, work / "raw", test_uri=test_uri)

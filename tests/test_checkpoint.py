@@ -319,4 +319,6 @@ def test_stale_staging_of_a_killed_process_is_removed(tmp_path, private_tmp):
     uri, _ = save(str(tmp_path / "run"), 5)
     checkpoint.load(uri)
     assert not staging.exists(), "the next process removes what the killed one left behind"
-    assert sorted(private_tmp.iterdir()) == [alive], "and its own staging folders are gone after use"
+    # (torch may add a cache folder of its own there.)
+    ours = sorted(p for p in private_tmp.iterdir() if p.name.startswith("flytetune-"))
+    assert ours == [alive], "and its own staging folders are gone after use"

@@ -10,12 +10,12 @@ import concurrent.futures
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flytetune import scratch
 from flytetune.storage.checksums import Digest, file_digest
 from flytetune.storage.gcs import GCSBackend
 from flytetune.storage.local import LocalBackend, temp_beside
@@ -76,7 +76,7 @@ def _transfer_once(src: Location, info: ObjectInfo, dst: Location) -> int:
         backend(dst).put(path, dst, digest)
         return digest.size
     # Between clouds the object is staged in a temporary file (not kept): each SDK verifies its own side.
-    with tempfile.TemporaryDirectory(prefix="flytetune-xfer-") as tmpdir:
+    with scratch.folder("xfer") as tmpdir:
         tmp = Path(tmpdir) / "object"
         digest, recorded = source.get(src, tmp, info)
         if not _matches(digest, recorded):
