@@ -7,13 +7,15 @@ file fails in the cheap CPU step, long before a GPU is requested.
 
 import json
 import logging
+import shutil
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from flytetune import storage
+from flytetune import exports, storage
 from flytetune.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,14 @@ class DataError(ValueError):
 SOURCES = "sources.json"
 
 
-def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None) -> dict[str, dict]:
+def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None,
+                 at: datetime = exports.NO_CUTOFF) -> dict[str, dict]:
     """Bring the dataset (and test) file from any storage URI to `dest_dir`.
 
-    Writes `dest_dir/sources.json` mapping each role to its URI and local file name, so later
-    steps report problems against the URI the user gave, not a temporary copy.
+    A URI ending in `/` over `dt=...` folders is a prefix of dated exports: the newest complete one
+    dated at or before `at` is used (flytetune/exports.py). Writes `dest_dir/sources.json` mapping
+    each role to its URI and local file name (and the export used), so later steps report problems
+    against the URI the user gave, not a temporary copy.
     """
     if not (dataset_uri or "").strip():
         raise DataError("dataset_uri is empty; give a CSV, parquet or JSON lines file")
@@ -54,6 +59,9 @@ def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None) 
     sources = {}
     for role, uri in (("dataset", dataset_uri), ("test", test_uri)):
         if not uri:
+            continue
+        if exports.is_export_prefix(uri):  # lists only when uri ends in "/"
+            sources[role] = _copy_export(uri, role, dest_dir, at)
             continue
         suffix = Path(uri.rstrip("/")).suffix.lower()
         # A folder (a partitioned parquet dataset, say) is refused in the user's terms, not storage's
@@ -73,6 +81,30 @@ def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None) 
         sources[role] = {"uri": uri, "file": f"{role}{suffix}"}
     (dest_dir / SOURCES).write_text(json.dumps(sources, indent=2) + "\n")
     return sources
+
+
+def _copy_export(prefix_uri: str, role: str, dest_dir: Path, at: datetime) -> dict:
+    """The chosen export's data files concatenated into `<role>.parquet`; the record says which export."""
+    try:
+        export = exports.pick_export(prefix_uri, at)
+    except exports.ExportError as e:
+        raise DataError(str(e)) from None
+    suffixes = sorted({Path(f).suffix.lower() for f in export.files})
+    if len(suffixes) > 1 or suffixes[0] not in READERS:
+        raise DataError(f"{export.uri}: data files must all be one of {', '.join(READERS)}; "
+                        f"found {', '.join(suffixes)}")
+    parts = dest_dir / f"{role}-parts"
+    record = exports.copy_export(export, parts)
+    # Errors name the part's URI; row numbers count within that part.
+    frames = [read_table(parts / f["file"], name=f["uri"]) for f in record["files"]]
+    try:
+        table = pl.concat(frames, how="vertical_relaxed")
+    except pl.exceptions.PolarsError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{export.uri}: its data files do not share columns and types: {first_line}") from None
+    table.write_parquet(dest_dir / f"{role}.parquet")
+    shutil.rmtree(parts)  # the task syncs dest_dir to the execution's prefix: no second copy
+    return {"uri": prefix_uri, "file": f"{role}.parquet", "export": record}
 
 
 def _is_folder(uri: str) -> bool:

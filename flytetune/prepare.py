@@ -102,6 +102,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
         "truncated": truncated,
         "split_seed": data_cfg.split_seed,
         "sources": [source["uri"] for source in sources.values()],
+        # Which dated export a prefix resolved to (flytetune/exports.py).
+        "exports": {role: source["export"] for role, source in sources.items() if "export" in source},
         "dataset_sha256": file_sha256(*(raw_dir / source["file"] for source in sources.values())),
         "test_source": "test_uri" if "test" in sources else "split",
     }

@@ -5,6 +5,7 @@ pods start without pulling the CUDA build of torch.
 """
 
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -46,11 +47,12 @@ def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str
 
 
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("copy_dataset"))
-def copy_dataset(dataset_uri: str, test_uri: Optional[str]) -> str:
+def copy_dataset(dataset_uri: str, test_uri: Optional[str], kickoff_time: datetime) -> str:
     """Bring the dataset into the cluster's own cloud with flytetune.storage (verified, parallel),
-    not through Flyte's fsspec transfer; returns the URI of the copy."""
+    not through Flyte's fsspec transfer; returns the URI of the copy. A prefix of dated exports
+    resolves to the newest complete one at or before `kickoff_time` (uncached on purpose)."""
     raw = workdir("raw")
-    data.copy_dataset(dataset_uri, raw, test_uri=test_uri)
+    data.copy_dataset(dataset_uri, raw, test_uri=test_uri, at=kickoff_time)
     dest = execution_prefix("dataset")
     storage.sync(str(raw), dest)
     return dest

@@ -308,6 +308,11 @@ def test_check_writable_leaves_nothing_behind(tmp_path, remotes):
     for base in [str(tmp_path / "out"), f"file://{tmp_path / 'out2'}", *remotes.values()]:
         storage.check_writable(base)
         assert storage.ls(base) == [], base
+    # Not even the local folders it created: an empty output folder would look like a run.
+    storage.check_writable(str(tmp_path / "new" / "deep" / "models"))
+    (tmp_path / "kept").mkdir()
+    storage.check_writable(str(tmp_path / "kept" / "models"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
 def test_check_writable_names_the_uri_and_the_cause(tmp_path, s3_bucket, gcs_bucket):

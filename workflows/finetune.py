@@ -5,6 +5,7 @@
         [--from_checkpoint latest|URI] [--preset cpu|t4|a100|a100-80gb|a100x4|h100x8]
 """
 
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,7 @@ from flytekit import workflow
 
 from flytetune.config import AUTO, DEFAULT_CONFIG_PATH, FinetuneConfig, load_config
 from flytetune.data import DEFAULT_DATASET_URI
+from flytetune.exports import NO_CUTOFF
 from tasks.finetune import evaluate, train_on_preset
 from tasks.steps import Published, copy_dataset, prepare, publish, resolve
 
@@ -29,6 +31,7 @@ def finetune(
     overrides: str = "",
     from_checkpoint: Optional[str] = None,
     preset: str = "cpu",
+    kickoff_time: datetime = NO_CUTOFF,
 ) -> Published:
     """Fine-tune the configured backbone on `dataset_uri` and publish to `output_uri`.
 
@@ -38,10 +41,13 @@ def finetune(
     on this machine, object storage on a cluster. `from_checkpoint` starts training from a
     checkpoint: `latest` under checkpoint.uri, a step folder, or a run prefix. `preset` names the
     hardware in configs/presets/ (resources, GPU, spot, retries, timeout, processes).
+    When `dataset_uri` is a prefix of dated exports (`.../dt=YYYY-MM-DD/` folders, complete with
+    `_SUCCESS`), the newest complete one dated at or before `kickoff_time` is used; the weekly
+    schedule sets it, by hand it defaults to no cutoff (the newest).
     """
     run = resolve(config=config, overrides=overrides, preset=preset, output_uri=output_uri,
                   from_checkpoint=from_checkpoint)
-    dataset = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri)
+    dataset = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri, kickoff_time=kickoff_time)
     # A typo fails in `resolve`, before any data moves (`>>` on one output: a multi-output call ignores it).
     run.cfg >> dataset
     prepared = prepare(raw_uri=dataset, cfg=run.cfg)

@@ -10,24 +10,42 @@ go to `auto` locations: object storage on the cluster, never the pod's disk (tes
 
 from pathlib import Path
 
-from flytekit import CronSchedule, LaunchPlan
+from flytekit import CronSchedule, Email, LaunchPlan, Slack
+from flytekit.models.core.execution import WorkflowExecutionPhase as Phase
 
 from flytetune.config import AUTO, load_config
 from workflows.finetune import finetune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# Every Monday 03:00 UTC: retrain on the newest export, on one preemptible A100, publish to S3.
+# Who hears when an execution of these plans ends: team addresses, never a person's. Flyte sends every
+# kind as an email through flyteadmin's notifications config (README, "Notifications"): Slack by a
+# channel's email address (channel details > Integrations > Send emails to this channel; the address
+# below is a placeholder to replace), PagerDuty (flytekit's `PagerDuty`) by a service's integration email.
+RECIPIENTS = {
+    Email: ["ml-alerts@example.com"],
+    Slack: ["flytetune-alerts-placeholder@example.slack.com"],
+}
+PROBLEMS = [Phase.FAILED, Phase.TIMED_OUT]
+
+
+def notify(phases: list[int]) -> list:
+    return [kind(phases=phases, recipients_email=addresses) for kind, addresses in RECIPIENTS.items()]
+
+
+# Every Monday 03:00 UTC: retrain on one preemptible A100 on the newest complete export dated at or
+# before the scheduled time (flytetune/exports.py), publish to S3. The scheduler fills `kickoff_time`.
 finetune_weekly_a100 = LaunchPlan.get_or_create(
     finetune,
     name="finetune_weekly_a100",
-    schedule=CronSchedule(schedule="0 3 * * 1"),
+    schedule=CronSchedule(schedule="0 3 * * 1", kickoff_time_input_arg="kickoff_time"),
     default_inputs={
-        "dataset_uri": "s3://flytetune-data/transactions/latest.parquet",
+        "dataset_uri": "s3://flytetune-data/transactions/exports/",
         "output_uri": "s3://flytetune-artifacts/models",
         "config": load_config(CONFIGS / "cluster.yaml"),
     },
     fixed_inputs={"preset": "a100"},
+    notifications=notify([*PROBLEMS, Phase.SUCCEEDED]),
 )
 
 # Debugging on a T4 with the tiny config: minutes, cents. Publishes to the cluster's durable bucket.
@@ -36,4 +54,5 @@ finetune_debug_t4 = LaunchPlan.get_or_create(
     name="finetune_debug_t4",
     default_inputs={"config": load_config(CONFIGS / "tiny.yaml"), "output_uri": AUTO},
     fixed_inputs={"preset": "t4"},
+    notifications=notify(PROBLEMS),
 )

@@ -7,6 +7,7 @@ importing it costs nothing); everything else speaks URIs:
     sync(src_prefix, dst_prefix) every object under a prefix, parallel and incremental
     ls, exists, read_bytes, write_bytes, read_text, write_text, remove
     check_writable(prefix)       fail early, in one line, where outputs could not be written
+    read_with_token, write_bytes_if   compare-and-swap of one small object (PreconditionFailed)
 
 CLI: python -m flytetune.storage copy|sync SRC DST [--concurrency N]
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 from flytetune.storage import gcs as _gcs
 from flytetune.storage import s3 as _s3
 from flytetune.storage.transfer import TransferStats, backend, check_local_targets, copy, sync
-from flytetune.storage.uri import StorageError, is_local, local_path, parse
+from flytetune.storage.uri import PreconditionFailed, StorageError, is_local, local_path, parse
 
-__all__ = ["StorageError", "TransferStats", "check_writable", "copy", "exists", "is_local", "local_path", "ls",
-           "read_bytes", "read_text", "remove", "reset_clients", "sync", "write_bytes", "write_text"]
+__all__ = ["PreconditionFailed", "StorageError", "TransferStats", "check_writable", "copy", "exists", "is_local",
+           "local_path", "ls", "read_bytes", "read_text", "read_with_token", "remove", "reset_clients", "sync",
+           "write_bytes", "write_bytes_if", "write_text"]
 
 
 def _join(uri: str, relative: str) -> str:
@@ -60,6 +62,29 @@ def write_bytes(uri: str, data: bytes) -> None:
     backend(loc).write_bytes(loc, data)
 
 
+def read_with_token(uri: str) -> tuple[bytes, str] | None:
+    """A small object and its version token, or None if there is no object.
+
+    The token is the S3 ETag, the GCS generation, or a local file's SHA-256: pass it to
+    `write_bytes_if` to replace exactly the version that was read.
+    """
+    loc = parse(uri)
+    return backend(loc).read_with_token(loc)
+
+
+def write_bytes_if(uri: str, data: bytes, expected: str | None) -> str:
+    """Compare-and-swap: write a small object only if it is still the version `expected` (a token from
+    `read_with_token`; None: only if it does not exist). Return the new token.
+
+    Raises PreconditionFailed (a StorageError) when someone else wrote first; nothing is written then.
+    Readers see the old or the new object, never a mix (one PUT, one upload, or a rename). Tokens on
+    S3 (single-PUT ETags) and local disk are content hashes: writing back earlier bytes makes an earlier
+    token valid again, so callers that need a strict history put a counter in the content.
+    """
+    loc = parse(uri)
+    return backend(loc).write_bytes_if(loc, data, expected)
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
@@ -81,15 +106,23 @@ def check_writable(uri: str) -> None:
     """Write and delete a small probe object under the prefix `uri`; StorageError (one line naming `uri`
     and the cause) if that fails: a missing bucket, no permission, a local path that is a file...
 
-    Run it before hours of work whose output goes to `uri`. Nothing is left behind on success.
+    Run it before hours of work whose output goes to `uri`. Nothing is left behind on success, not even
+    the local folders it had to create.
     """
     loc = parse(uri)  # an unsupported scheme is a StorageError naming the URI
     probe = loc.child(f"{PROBE_PREFIX}{os.urandom(6).hex()}")
+    created = None  # the outermost local folder the probe creates: removed again, so nothing looks published
     try:
         if loc.scheme == "file":
             check_local_targets([(uri, Path(probe.key))])
+            created = next((p for p in reversed(Path(probe.key).absolute().parents) if not p.exists()), None)
         backend(loc).write_bytes(probe, b"flytetune write probe\n")
         backend(loc).remove(probe)
+        if created is not None:
+            for folder in [Path(probe.key).absolute().parent, *Path(probe.key).absolute().parent.parents]:
+                folder.rmdir()
+                if folder == created:
+                    break
     except StorageError as e:
         cause = str(e)
         for prefix in (f"{uri}: ", f"{probe}: "):

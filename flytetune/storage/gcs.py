@@ -18,7 +18,7 @@ from flytetune.storage.checksums import Digest, file_digest
 from flytetune.storage.clients import PerProcess
 from flytetune.storage.network import CONNECT_ATTEMPTS, endpoint_of, find_url, unreachable_cause
 from flytetune.storage.objects import ObjectInfo
-from flytetune.storage.uri import Location, StorageError
+from flytetune.storage.uri import Location, PreconditionFailed, StorageError
 
 
 def _make_client():
@@ -141,6 +141,39 @@ class GCSBackend:
                                                              retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
+
+    def read_with_token(self, loc: Location) -> tuple[bytes, str] | None:
+        """The object and its generation; the download is pinned to the generation that was looked up."""
+        from google.api_core import exceptions as gexc
+
+        for _ in range(5):  # the object may be replaced between the lookup and the download
+            try:
+                blob = self._bucket(loc).get_blob(loc.key, timeout=TIMEOUT, retry=_retry())
+                if blob is None:
+                    return None
+                generation = blob.generation  # read first: the download resets it from its response headers
+                data = blob.download_as_bytes(checksum="crc32c", if_generation_match=generation,
+                                              timeout=TIMEOUT, retry=_retry())
+                return data, str(generation)
+            except (gexc.PreconditionFailed, gexc.NotFound):
+                continue
+            except Exception as e:  # noqa: BLE001
+                raise _error(loc, e) from None
+        raise StorageError(f"{loc}: replaced on every read; try again")
+
+    def write_bytes_if(self, loc: Location, data: bytes, expected: str | None) -> str:
+        """One upload with `ifGenerationMatch` (0: the object must not exist); GCS answers 412 otherwise."""
+        from google.api_core import exceptions as gexc
+
+        blob = self._bucket(loc).blob(loc.key)
+        try:
+            blob.upload_from_string(data, checksum="crc32c", if_generation_match=int(expected or 0),
+                                    timeout=TIMEOUT, retry=_retry())
+        except gexc.PreconditionFailed:
+            raise PreconditionFailed(f"{loc}: changed since it was read (412)") from None
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+        return str(blob.generation)
 
     def remove(self, loc: Location) -> None:
         try:

@@ -1,5 +1,9 @@
 """Local disk: every write goes to a temporary name in the destination folder, then a rename."""
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -7,7 +11,11 @@ from pathlib import Path
 
 from flytetune.storage.checksums import Digest, file_digest
 from flytetune.storage.objects import ObjectInfo
-from flytetune.storage.uri import Location, StorageError
+from flytetune.storage.uri import Location, PreconditionFailed, StorageError
+
+# Conditional writes hold an flock on `.<name>.flytetune-lock` beside the file: the kernel drops it when
+# the holder dies, so a killed writer never leaves a stale lock. Listings skip these files.
+LOCK_SUFFIX = ".flytetune-lock"
 
 
 def temp_beside(path: Path) -> Path:
@@ -47,7 +55,7 @@ class LocalBackend:
         if not root.is_dir():
             return []
         return [ObjectInfo(str(p), p.stat().st_size) for p in sorted(root.rglob("*"))
-                if p.is_file() and not p.name.endswith(".part")]
+                if p.is_file() and not p.name.endswith((".part", LOCK_SUFFIX))]
 
     def stat(self, loc: Location) -> ObjectInfo | None:
         path = Path(loc.key)
@@ -86,9 +94,68 @@ class LocalBackend:
             tmp.unlink(missing_ok=True)
             raise
 
+    def read_with_token(self, loc: Location) -> tuple[bytes, str] | None:
+        try:
+            data = Path(loc.key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise StorageError(f"{loc}: is a directory") from None
+        return data, content_token(data)
+
+    def write_bytes_if(self, loc: Location, data: bytes, expected: str | None) -> str:
+        """Compare the file's content hash with `expected` and replace the file, under an exclusive lock
+        that every replacing writer of this file takes; readers need none (the write is a rename).
+        Creating (`expected` None) needs no lock: a hard link cannot replace an existing name."""
+        target = Path(loc.key)
+        if expected is None and _create_exclusive(target, data):
+            return content_token(data)
+        with _locked(target):
+            current = self.read_with_token(loc)
+            if (current[1] if current else None) != expected:
+                raise PreconditionFailed(f"{loc}: changed since it was read" if current
+                                         else f"{loc}: was removed since it was read" if expected
+                                         else f"{loc}: already exists")
+            self.write_bytes(loc, data)
+        return content_token(data)
+
     def remove(self, loc: Location) -> None:
         path = Path(loc.key)
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def content_token(data: bytes) -> str:
+    """A local file's version token: its content hash (equal contents are the same version)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _create_exclusive(target: Path, data: bytes) -> bool:
+    """Create `target` whole, only if it does not exist: a hard link of a written temporary file
+    fails if the name is taken. False where the file system has no hard links (then lock instead)."""
+    tmp = temp_beside(target)
+    try:
+        tmp.write_bytes(data)
+        os.link(tmp, target)
+    except FileExistsError:
+        raise PreconditionFailed(f"{target}: already exists") from None
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            return False
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+@contextlib.contextmanager
+def _locked(target: Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks; held for one read, compare and rename (milliseconds)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

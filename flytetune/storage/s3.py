@@ -14,7 +14,7 @@ from flytetune.storage.checksums import CHUNK, Digest, bytes_digest, digest_for
 from flytetune.storage.clients import PerProcess
 from flytetune.storage.network import CONNECT_ATTEMPTS, endpoint_of, find_url, unreachable_cause
 from flytetune.storage.objects import ObjectInfo
-from flytetune.storage.uri import Location, StorageError
+from flytetune.storage.uri import Location, PreconditionFailed, StorageError
 
 # Our own full-object CRC32C, recorded on every upload: S3's ETag is not an MD5 for multipart
 # objects, and its native checksums of multipart uploads are composite.
@@ -180,6 +180,44 @@ class S3Backend:
                                 Metadata={CRC_META: bytes_digest(data).crc32c})
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
+
+    def read_with_token(self, loc: Location) -> tuple[bytes, str] | None:
+        """The object and its ETag, from one GET (so they belong together); None if there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = client().get_object(Bucket=loc.bucket, Key=loc.key)
+            return response["Body"].read(), response["ETag"]
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _error(loc, e) from None
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+
+    def write_bytes_if(self, loc: Location, data: bytes, expected: str | None) -> str:
+        """One PUT with `If-Match: <ETag>` (or `If-None-Match: *`); S3 checks and writes atomically.
+
+        S3 answers 412 when the ETag differs or the object exists, 404 NoSuchKey under If-Match when
+        the object was deleted, and 409 ConditionalRequestConflict while a competing conditional write
+        is in flight: all three mean "someone else wrote first". A store that ignores these headers
+        (S3-compatible servers older than AWS's 2024 support) would make this an unconditional PUT.
+        """
+        from botocore.exceptions import ClientError
+
+        condition = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
+        try:
+            response = client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data,
+                                            Metadata={CRC_META: bytes_digest(data).crc32c}, **condition)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code"))
+            lost = code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+            if lost or (expected is not None and code in ("NoSuchKey", "404")):
+                raise PreconditionFailed(f"{loc}: changed since it was read ({code})") from None
+            raise _error(loc, e) from None
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+        return response["ETag"]
 
     def remove(self, loc: Location) -> None:
         keys = [o.key for o in self.list(loc)] or [loc.key]

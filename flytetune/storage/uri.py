@@ -11,6 +11,10 @@ class StorageError(Exception):
     """One line naming the URI and the problem; never carries credentials."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object is no longer the version that was read (or now exists)."""
+
+
 @dataclass(frozen=True)
 class Location:
     scheme: str  # "file", "s3" or "gs"
