@@ -222,12 +222,14 @@ def test_a_pod_local_checkpoint_path_fails_in_the_first_pod(cluster, buckets, tm
 
 
 def test_s3_without_the_platforms_role_fails_naming_it(cluster, buckets, edited_config):
-    """The pods have the token but the platform set no AWS_ROLE_ARN: the copy fails in one line, keys never appear."""
+    """The pods have the token but the platform set no AWS_ROLE_ARN: the first pod's write probe of the
+    S3 output fails in one line naming the key; the token never appears."""
     env = {k: v for k, v in cluster.platform_env.items() if k != "AWS_ROLE_ARN"}
     no_role = dataclasses.replace(cluster, platform_env=env, attempts=[], results={})
     with pytest.raises(NodeFailed) as failed:
         no_role.execute(inputs(buckets, edited_config), execution_id="fc0ffee0006")
-    assert failed.value.node == "n1"
+    assert failed.value.node == "n0"
     error = failed.value.attempts[0].error
-    assert "datasets/transactions.parquet: AWS credentials are misconfigured" in error and "AWS_ROLE_ARN" in error
+    assert f"output_uri: s3://{buckets['s3']}/models: not writable (AWS credentials are misconfigured" in error
+    assert "AWS_ROLE_ARN" in error
     assert cluster.token_file.read_text() not in failed.value.attempts[0].logs + error
