@@ -39,8 +39,9 @@ def finetune(
     changes any config value: "train.epochs=1 train.learning_rate=5e-5" (or bare field names when
     unambiguous: "epochs=1"). `output_uri` and `checkpoint.uri` default to `auto`: local folders
     on this machine, object storage on a cluster. `from_checkpoint` starts training from a
-    checkpoint: `latest` (the newest of the most recent run), a run id, a step folder, or a run prefix. `preset` names the
-    hardware in configs/presets/ (resources, GPU, spot, retries, timeout, processes).
+    checkpoint: `latest` (the newest of the most recent run), a run id, a step folder, or a run
+    prefix. `preset` names the hardware in configs/presets/ (resources, GPU, spot, retries,
+    timeout, processes).
     When `dataset_uri` is a prefix of dated exports (`.../dt=YYYY-MM-DD/` folders, complete with
     `_SUCCESS`), the newest complete one dated at or before `kickoff_time` is used; the weekly
     schedule sets it, by hand it defaults to no cutoff (the newest).
