@@ -97,6 +97,20 @@ def _error(loc: Location, exc: Exception) -> StorageError:
     return StorageError(f"{loc}: {type(exc).__name__}")
 
 
+def _or_none_if_missing(loc: Location, call):
+    """`call()`'s result, None if the object does not exist; any other SDK error as one StorageError line."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return call()
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _error(loc, e) from None
+    except Exception as e:  # noqa: BLE001 - every SDK error becomes one StorageError line
+        raise _error(loc, e) from None
+
+
 def _info(key: str, size: int, etag: str | None, metadata: dict | None) -> ObjectInfo:
     etag = (etag or "").strip('"')
     md5 = etag if etag and "-" not in etag else None
@@ -116,17 +130,8 @@ class S3Backend:
             raise _error(loc, e) from None
 
     def stat(self, loc: Location) -> ObjectInfo | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            head = client().head_object(Bucket=loc.bucket, Key=loc.key)
-        except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise _error(loc, e) from None
-        except Exception as e:  # noqa: BLE001
-            raise _error(loc, e) from None
-        return _info(loc.key, head["ContentLength"], head.get("ETag"), head.get("Metadata"))
+        head = _or_none_if_missing(loc, lambda: client().head_object(Bucket=loc.bucket, Key=loc.key))
+        return None if head is None else _info(loc.key, head["ContentLength"], head.get("ETag"), head.get("Metadata"))
 
     def is_prefix(self, loc: Location) -> bool:
         prefix = loc.key.rstrip("/") + "/"
@@ -183,17 +188,11 @@ class S3Backend:
 
     def read_with_token(self, loc: Location) -> tuple[bytes, str] | None:
         """The object and its ETag, from one GET (so they belong together); None if there is none."""
-        from botocore.exceptions import ClientError
-
-        try:
+        def get():
             response = client().get_object(Bucket=loc.bucket, Key=loc.key)
             return response["Body"].read(), response["ETag"]
-        except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise _error(loc, e) from None
-        except Exception as e:  # noqa: BLE001
-            raise _error(loc, e) from None
+
+        return _or_none_if_missing(loc, get)
 
     def write_bytes_if(self, loc: Location, data: bytes, expected: str | None) -> str:
         """One PUT with `If-Match: <ETag>` (or `If-None-Match: *`); S3 checks and writes atomically.
