@@ -47,11 +47,18 @@ class Training:
         self.lines: list[str] = []
 
     def wait_for_step(self, step: int) -> None:
+        self.wait_for(f" step {step}/{STEPS} ")
+
+    def wait_for_save(self, step: int) -> None:
+        """Until checkpoint `step` is complete (its manifest written): saves finish in the background."""
+        self.wait_for(f"/step-{step:06d} saved in ")
+
+    def wait_for(self, text: str) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
-            if f" step {step}/{STEPS} " in line:
+            if text in line:
                 return
-        raise AssertionError(f"training ended before step {step}:\n{''.join(self.lines)}")
+        raise AssertionError(f"training ended before {text.strip()!r}:\n{''.join(self.lines)}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.proc.send_signal(sig)
@@ -137,13 +144,13 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(tmp_p
 
 def test_two_kills_in_one_run(tmp_path, reference, tiny_backbone):
     first = Training(tmp_path, tiny_backbone)
-    first.wait_for_step(6)
+    first.wait_for_save(4)
     first.kill()
     first.finish()
     after_first = complete_steps(tmp_path)[-1]
 
     second = Training(tmp_path, tiny_backbone)
-    second.wait_for_step(13)
+    second.wait_for_save(12)
     second.kill()
     _, output = second.finish()
     assert resumed_step(output) == after_first
