@@ -118,7 +118,7 @@ def test_sigterm_stops_gracefully_with_a_fresh_checkpoint(tmp_path, reference, t
 
 def test_sigkill_resumes_from_last_periodic_checkpoint(tmp_path, reference, tiny_backbone):
     run = Training(tmp_path, tiny_backbone)
-    run.wait_for_step(10)
+    run.wait_for_save(8)
     run.kill()
     assert run.finish()[0] == -signal.SIGKILL
     newest = complete_steps(tmp_path)[-1]
@@ -187,7 +187,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_own_progress_beats_from_checkp
     """A retry whose newest checkpoint does not verify continues from the newest one that does,
     saying which it skipped; and the run's own checkpoint wins over an explicit --from_checkpoint."""
     run = Training(tmp_path, tiny_backbone)
-    run.wait_for_step(10)
+    run.wait_for_save(8)
     run.kill()
     run.finish()
     assert complete_steps(tmp_path)[-2:] == [4, 8]
@@ -227,7 +227,7 @@ def test_resumes_from_an_s3_checkpoint(tmp_path, reference, tiny_backbone, s3_bu
 
     uri = f"s3://{s3_bucket}/checkpoints"
     run = Training(tmp_path, tiny_backbone, checkpoint_uri=uri)
-    run.wait_for_step(10)
+    run.wait_for_save(8)
     run.kill()
     run.finish()
     assert checkpoint.latest(f"{uri}/run") is not None
