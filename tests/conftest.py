@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.harness import primary_container  # noqa: F401 - re-exported for the tests
+
 pytest_plugins = ["tests.servers"]
 
 # The backbone is an installed package; a test that reaches for a model hub must fail, not download.
@@ -42,24 +44,6 @@ def task_specs(package: dict[str, bytes]) -> dict:
             spec.ParseFromString(blob)
             specs[spec.template.id.name] = spec
     return specs
-
-
-def primary_container(template) -> dict:
-    """The task's container as the pod will run it (image, args, env, resources in Kubernetes' spelling):
-    the plain container, or the pod template's primary one."""
-    from google.protobuf.json_format import MessageToDict
-
-    if template.HasField("k8s_pod"):
-        containers = MessageToDict(template.k8s_pod.pod_spec)["containers"]
-        (container,) = [c for c in containers if c["name"] == template.k8s_pod.metadata.annotations.get(
-            "primary_container_name", "primary")]
-        return container
-    container = MessageToDict(template.container)
-    container["env"] = [{"name": e.key, "value": e.value} for e in template.container.env]
-    names = {1: "cpu", 2: "nvidia.com/gpu", 3: "memory", 5: "ephemeral-storage"}
-    container["resources"] = {side: {names[e.name]: e.value for e in getattr(template.container.resources, side)}
-                              for side in ("requests", "limits")}
-    return container
 
 
 @pytest.fixture(scope="session")

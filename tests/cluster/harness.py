@@ -124,7 +124,7 @@ def register(repo: Path, image: str, code_uri: str, out: Path) -> Package:
 
 
 def _fill(template: tasks_pb2.TaskTemplate, values: dict[str, str]) -> None:
-    container = _container(template)
+    container = primary_container(template)
     args = [_VARIABLE.sub(lambda m: values.get(m.group(1), m.group(0)), a) for a in container["args"]]
     if template.HasField("container"):
         del template.container.args[:]
@@ -134,18 +134,22 @@ def _fill(template: tasks_pb2.TaskTemplate, values: dict[str, str]) -> None:
         _set_pod_containers(template, container)
 
 
-def _container(template: tasks_pb2.TaskTemplate) -> dict:
-    """The primary container in Kubernetes' spelling (command, args, env, resources, volumeMounts)."""
+def primary_container(template: tasks_pb2.TaskTemplate) -> dict:
+    """The task's container as the pod will run it, in Kubernetes' spelling (image, command, args, env,
+    resources, volumeMounts): the plain container, or the pod template's primary one."""
     if template.HasField("k8s_pod"):
         spec = MessageToDict(template.k8s_pod.pod_spec)
         primary = template.k8s_pod.metadata.annotations.get("primary_container_name", "primary")
         return next(c for c in spec["containers"] if c["name"] == primary)
     c = template.container
-    names = {1: "cpu", 2: "nvidia.com/gpu", 3: "memory", 5: "ephemeral-storage"}
     return {"image": c.image, "command": list(c.command), "args": list(c.args),
-            "env": [{"name": e.key, "value": e.value} for e in c.env],
-            "resources": {side: {names[r.name]: r.value for r in getattr(c.resources, side)}
-                          for side in ("requests", "limits")}}
+            "env": [{"name": e.key, "value": e.value} for e in c.env], "resources": _resources(c.resources)}
+
+
+def _resources(resources) -> dict[str, dict[str, str]]:
+    """Flyte's Resources message (a template's or a node override's) in Kubernetes' names."""
+    names = {1: "cpu", 2: "nvidia.com/gpu", 3: "memory", 5: "ephemeral-storage"}
+    return {side: {names[r.name]: r.value for r in getattr(resources, side)} for side in ("requests", "limits")}
 
 
 def _set_pod_containers(template: tasks_pb2.TaskTemplate, primary: dict) -> None:
@@ -269,7 +273,7 @@ class Cluster:
         def raw(n: int) -> str:  # propeller's {rawoutput-prefix}/{shard}/{execution}-{node}-{attempt}
             return f"{self.metadata_uri}/raw/{execution[-2:]}/{execution}-{node_id}-{n}"
 
-        container = _container(template)
+        container = primary_container(template)
         values = {"input": f"{base}/inputs.pb", "outputPrefix": out, "rawOutputDataPrefix": raw(number),
                   "checkpointOutputPrefix": f"{raw(number)}/_flytecheckpoints",
                   "prevCheckpointPrefix": f"{raw(number - 1)}/_flytecheckpoints" if number else '""'}
@@ -286,9 +290,7 @@ class Cluster:
             mounts.update({m["name"]: m["mountPath"] for m in primary.get("volumeMounts", [])})
             volumes = pod.get("volumes", [])
         if overrides is not None and overrides.HasField("resources"):
-            names = {1: "cpu", 2: "nvidia.com/gpu", 3: "memory", 5: "ephemeral-storage"}
-            resources = {side: {names[r.name]: r.value for r in getattr(overrides.resources, side)}
-                         for side in ("requests", "limits")}
+            resources = _resources(overrides.resources)
         if overrides is not None and overrides.extended_resources.shared_memory.size_limit:
             shm = overrides.extended_resources.shared_memory.size_limit
         # What propeller adds to every task pod (flyteplugins' flytek8s/k8s_resource_adds.go).
