@@ -58,11 +58,13 @@ def code_version() -> str | None:
 
 
 def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict, config: dict,
-            data_meta: dict, version: str | None = None, extra_files: dict[str, Path] | None = None) -> str:
+            data_meta: dict, version: str | None = None, extra_files: dict[str, Path] | None = None,
+            gate: dict | None = None) -> str:
     """Upload the model folder with its metrics and lineage; return the run folder URI.
 
     `extra_files` (name -> local file) go next to the model, e.g. the full confusion matrix of a
-    many-class evaluation that ran in another task.
+    many-class evaluation that ran in another task. `gate` is the evaluation gate's decision
+    (flytetune/gate.py): whether this version should replace production, and why.
     """
     version = version or new_version()
     run_uri = join(output_uri, model_name, version)
@@ -90,9 +92,11 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "dataset_sha256": data_meta.get("dataset_sha256"),
-        "data": {k: data_meta.get(k) for k in ("sources", "exports", "rows", "labels", "text_column", "label_column")},
+        "data": {k: data_meta.get(k) for k in ("sources", "exports", "rows", "labels", "text_column", "label_column",
+                                               "prepared_uri")},
         "config": config,
         "metrics": {k: metrics.get(k) for k in ("split", "n_examples", "accuracy", "macro_f1")},
+        "gate": gate,
         "files": files,
     }
     # Written last: its presence is the commit marker of the whole run folder.
@@ -100,12 +104,24 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
     return run_uri
 
 
-def verify(run_uri: str) -> dict:
-    """Check every file listed in the manifest against its size and SHA-256; return the manifest."""
+def read_manifest(run_uri: str) -> dict:
+    """The manifest of a published run folder; FileNotFoundError naming the folder if it has none."""
     manifest_uri = join(run_uri, MANIFEST)
     if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"{run_uri}: no {MANIFEST}; the run folder is incomplete")
-    manifest = json.loads(storage.read_bytes(manifest_uri))
+        raise FileNotFoundError(f"{run_uri}: no {MANIFEST}; not a published flytetune model, or incomplete")
+    return json.loads(storage.read_bytes(manifest_uri))
+
+
+def fetch(run_uri: str, dest: Path) -> Path:
+    """Download a published run folder to `dest` and check every file against its manifest."""
+    storage.sync(run_uri, str(dest))
+    verify(str(dest))
+    return Path(dest)
+
+
+def verify(run_uri: str) -> dict:
+    """Check every file listed in the manifest against its size and SHA-256; return the manifest."""
+    manifest = read_manifest(run_uri)
     for name, expected in manifest["files"].items():
         data = storage.read_bytes(join(run_uri, name))
         if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:

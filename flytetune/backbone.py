@@ -1,5 +1,6 @@
 """Find the pretrained backbone on local disk: nothing is downloaded at run time."""
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -38,3 +39,17 @@ def resolve_backbone(name: str) -> Path:
         f"model.backbone: {name!r} is an installed module but not a model package "
         f"(no {PACKAGE_MODEL_DIR}/config.json in it); give a local model folder or a model package"
     )
+
+
+# Weights do not change how text is tokenised; everything else in the folder may (vocab, tokenizer config).
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
+
+
+def tokenizer_fingerprint(name: str) -> str:
+    """SHA-256 over the backbone folder's files other than weights: what prepared data depends on, so
+    that a new version of an installed model package with another vocabulary invalidates cached data."""
+    folder = resolve_backbone(name)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(_WEIGHTS)):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()

@@ -127,12 +127,41 @@ class CheckpointConfig:
         _check(self.sigterm_budget_s >= 0, "checkpoint.sigterm_budget_s", "must be >= 0")
 
 
+# The metrics a gate can compare (flytetune/evaluate.py names them).
+GATE_METRICS = ("accuracy", "macro_f1")
+
+
+@dataclass
+class GateConfig:
+    """When a new model replaces production (flytetune/gate.py). The first model promotes itself."""
+
+    # A labelled file (the dataset's columns) that does not change between runs: both the new model and
+    # production are scored on it and on this run's test split. None: the test split only.
+    eval_uri: Optional[str] = None
+    metric: str = "macro_f1"
+    # The new model's metric must be at least production's plus this (0: a tie promotes the newer data).
+    min_improvement: float = 0.0
+    # ... and no class with at least min_class_support gate examples may lose more F1 than this.
+    max_class_drop: float = 0.05
+    min_class_support: int = 20
+    # False: publish, compare and report, but never move the production pointer.
+    promote: bool = True
+
+    def __post_init__(self):
+        _check(self.eval_uri is None or bool(self.eval_uri.strip()), "gate.eval_uri", "must not be empty; use null")
+        _check(self.metric in GATE_METRICS, "gate.metric", f"must be one of {', '.join(GATE_METRICS)}")
+        _check(-1.0 < self.min_improvement < 1.0, "gate.min_improvement", "must be in (-1, 1)")
+        _check(0.0 <= self.max_class_drop <= 1.0, "gate.max_class_drop", "must be in [0, 1]")
+        _check(self.min_class_support >= 1, "gate.min_class_support", "must be >= 1")
+
+
 @dataclass
 class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

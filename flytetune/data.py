@@ -44,55 +44,78 @@ class DataError(ValueError):
 SOURCES = "sources.json"
 
 
-def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None,
-                 at: datetime = exports.NO_CUTOFF) -> dict[str, dict]:
-    """Bring the dataset (and test) file from any storage URI to `dest_dir`.
+def locate(dataset_uri: str, test_uri: str | None = None, at: datetime = exports.NO_CUTOFF) -> dict[str, dict]:
+    """Which objects a run will copy, without copying them: role ("dataset", "test") -> {"uri": as
+    given, "files": [data file URIs], "export": the Export, or None}.
 
     A URI ending in `/` over `dt=...` folders is a prefix of dated exports: the newest complete one
-    dated at or before `at` is used (flytetune/exports.py). Writes `dest_dir/sources.json` mapping
-    each role to its URI and local file name (and the export used), so later steps report problems
-    against the URI the user gave, not a temporary copy.
+    dated at or before `at` is used (flytetune/exports.py). Raises DataError naming the URI when
+    there is nothing usable there (empty, a folder, an unsupported type, no such file).
     """
     if not (dataset_uri or "").strip():
         raise DataError("dataset_uri is empty; give a CSV, parquet or JSON lines file")
-    dest_dir = Path(dest_dir)
-    sources = {}
+    located = {}
     for role, uri in (("dataset", dataset_uri), ("test", test_uri)):
         if not uri:
             continue
         if exports.is_export_prefix(uri):  # lists only when uri ends in "/"
-            sources[role] = _copy_export(uri, role, dest_dir, at)
+            try:
+                export = exports.pick_export(uri, at)
+            except exports.ExportError as e:
+                raise DataError(str(e)) from None
+            suffixes = sorted({Path(f).suffix.lower() for f in export.files})
+            if len(suffixes) > 1 or suffixes[0] not in READERS:
+                raise DataError(f"{export.uri}: data files must all be one of {', '.join(READERS)}; "
+                                f"found {', '.join(suffixes)}")
+            located[role] = {"uri": uri, "files": list(export.files), "export": export}
             continue
         suffix = Path(uri.rstrip("/")).suffix.lower()
-        # A folder (a partitioned parquet dataset, say) is refused in the user's terms, not storage's
-        # "use sync"; asking only when the name is no file type or the copy fails saves a remote call.
-        if suffix not in READERS and _is_folder(uri):
+        # A folder (a partitioned parquet dataset, say) is refused in the user's terms, not storage's.
+        if storage.stat(uri) is None and _is_folder(uri):
             raise DataError(f"{uri}: is a directory; {role}_uri must name a CSV, parquet or JSON lines file")
         if suffix not in READERS:
             raise DataError(f"{uri}: unsupported file type {suffix!r}; use one of {', '.join(READERS)}")
-        try:
-            storage.copy(uri, str(dest_dir / f"{role}{suffix}"))
-        except storage.StorageError:
-            if _is_folder(uri):
-                raise DataError(
-                    f"{uri}: is a directory; {role}_uri must name a CSV, parquet or JSON lines file"
-                ) from None
-            raise
+        located[role] = {"uri": uri, "files": [uri], "export": None}
+    return located
+
+
+def fingerprint(located: dict[str, dict]) -> str:
+    """Changes when any located object changes (storage.fingerprint: one stat per file, no download)."""
+    try:
+        return storage.fingerprint([uri for source in located.values() for uri in source["files"]])
+    except storage.StorageError as e:
+        raise DataError(f"{e}; {', '.join(s['uri'] for s in located.values())} cannot be read") from None
+
+
+def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None,
+                 at: datetime = exports.NO_CUTOFF, expect_fingerprint: str | None = None) -> dict[str, dict]:
+    """Bring the dataset (and test) file from any storage URI to `dest_dir` (see `locate`).
+
+    Writes `dest_dir/sources.json` mapping each role to its URI and local file name (and the export
+    used), so later steps report problems against the URI the user gave, not a temporary copy.
+    `expect_fingerprint` (from `fingerprint(locate(...))` earlier in the run) makes the copy refuse
+    data that changed since: what was checked, and what a cache entry is keyed by, is what is copied.
+    """
+    located = locate(dataset_uri, test_uri, at)
+    if expect_fingerprint is not None and fingerprint(located) != expect_fingerprint:
+        raise DataError(f"{dataset_uri}: changed since this run located it (a new export or a rewritten file); "
+                        "run again")
+    dest_dir = Path(dest_dir)
+    sources = {}
+    for role, source in located.items():
+        if source["export"] is not None:
+            sources[role] = _copy_export(source["uri"], source["export"], role, dest_dir)
+            continue
+        uri = source["uri"]
+        suffix = Path(uri.rstrip("/")).suffix.lower()
+        storage.copy(uri, str(dest_dir / f"{role}{suffix}"))
         sources[role] = {"uri": uri, "file": f"{role}{suffix}"}
     (dest_dir / SOURCES).write_text(json.dumps(sources, indent=2) + "\n")
     return sources
 
 
-def _copy_export(prefix_uri: str, role: str, dest_dir: Path, at: datetime) -> dict:
-    """The chosen export's data files concatenated into `<role>.parquet`; the record says which export."""
-    try:
-        export = exports.pick_export(prefix_uri, at)
-    except exports.ExportError as e:
-        raise DataError(str(e)) from None
-    suffixes = sorted({Path(f).suffix.lower() for f in export.files})
-    if len(suffixes) > 1 or suffixes[0] not in READERS:
-        raise DataError(f"{export.uri}: data files must all be one of {', '.join(READERS)}; "
-                        f"found {', '.join(suffixes)}")
+def _copy_export(prefix_uri: str, export: exports.Export, role: str, dest_dir: Path) -> dict:
+    """The export's data files concatenated into `<role>.parquet`; the record says which export."""
     parts = dest_dir / f"{role}-parts"
     record = exports.copy_export(export, parts)
     # Errors name the part's URI; row numbers count within that part.

@@ -52,7 +52,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     """
     k = len(labels)
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    precision, recall, f1, support = _per_class(y_true, y_pred, k)
+    precision, recall, f1, support = per_class_scores(y_true, y_pred, k)
     present = support > 0  # classes absent from this split would drag macro-F1 down for no reason
     metrics = {
         "n_examples": int(len(y_true)),
@@ -91,7 +91,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     }
 
 
-def _per_class(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+def per_class_scores(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
     # Counts per class without a k x k matrix (200 MB at 5,000 classes).
     tp = np.bincount(y_true[y_true == y_pred], minlength=k).astype(np.float64)
     predicted = np.bincount(y_pred, minlength=k).astype(np.float64)
@@ -116,7 +116,7 @@ def write_details(path: Path, y_true: np.ndarray, y_pred: np.ndarray, labels: li
     """
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     k = len(labels)
-    precision, recall, f1, support = _per_class(y_true, y_pred, k)
+    precision, recall, f1, support = per_class_scores(y_true, y_pred, k)
     true, predicted, count = _confusion_cells(y_true, y_pred, k)
     np.savez_compressed(path, labels=np.array(labels, dtype=str), precision=precision, recall=recall, f1=f1,
                         support=support.astype(np.int64), true=true, predicted=predicted, count=count)

@@ -1,7 +1,7 @@
 """Prepare a dataset once: validate, split, tokenise, and write lmdb stores plus meta.json.
 
 The output folder is self-describing: `train/`, `validation/`, `test/` (lmdb stores),
-`tokenizer/`, and `meta.json`, which is written last and marks the folder complete.
+`tokenizer/`, `test_texts.parquet`, and `meta.json`, which is written last and marks the folder complete.
 """
 
 import json
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 META = "meta.json"
+# The test split as text (text, label), for the evaluation gate (flytetune/gate.py).
+TEST_TEXTS = "test_texts.parquet"
 
 
 def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
@@ -89,6 +91,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
         truncated[name] = sum(len(ids) >= data_cfg.max_length for ids in encoded)
         ids = [label2id[label] for label in split.get_column(LABEL).to_list()]
         rows[name] = write_store(out_dir / name, zip(encoded, ids, strict=True))
+    # Raw texts of the test split: the gate scores production's model on them with its own tokenizer.
+    splits["test"].select(TEXT, LABEL).write_parquet(out_dir / TEST_TEXTS)
 
     meta = {
         "rows": rows,

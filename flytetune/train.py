@@ -40,6 +40,7 @@ class TrainResult:
     epochs_completed: int
     history: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
+    initialised_from: str | None = None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -53,19 +54,63 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_model(cfg: FinetuneConfig, labels: list[str]) -> torch.nn.Module:
-    from transformers import AutoModelForSequenceClassification
+def build_model(cfg: FinetuneConfig, labels: list[str], init_from: Path | None = None) -> torch.nn.Module:
+    """The classifier to fine-tune: `cfg.model.backbone` with a new head, or the published model
+    `init_from` (a local folder), whose head rows are kept by label name where `labels` differ."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     # The load report lists the new classifier head as "missing", which is the point of fine-tuning.
     hf_logging.set_verbosity_error()
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_backbone(cfg.model.backbone),
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        local_files_only=True,
-    )
+    label_config = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                    "label2id": {label: i for i, label in enumerate(labels)}}
+    if init_from is None:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_backbone(cfg.model.backbone), **label_config, local_files_only=True)
+    init = AutoModelForSequenceClassification.from_pretrained(init_from, local_files_only=True)
+    init_labels = [init.config.id2label[i] for i in range(init.config.num_labels)]
+    if init_labels == labels:
+        return init
+    # Other labels, or the same in another order: a fresh head whose rows are taken by name, never by index.
+    model = AutoModelForSequenceClassification.from_config(
+        AutoConfig.from_pretrained(init_from, **label_config, local_files_only=True))
+    name, head = _classifier(model)
+    init_rows = {label: i for i, label in enumerate(init_labels)}
+    kept = [(i, init_rows[label]) for i, label in enumerate(labels) if label in init_rows]
+    state = init.state_dict()
+    for key, fresh in head.state_dict().items():
+        rows = fresh.clone()
+        rows[[i for i, _ in kept]] = state[f"{name}.{key}"][[j for _, j in kept]].to(rows.dtype)
+        state[f"{name}.{key}"] = rows
+    model.load_state_dict(state)
+    log.info("init_from %s has other labels: head rows of %d shared labels copied by name; added %s; removed %s",
+             init_from, len(kept), sorted(set(labels) - init_rows.keys()) or "none",
+             sorted(init_rows.keys() - set(labels)) or "none")
+    return model
+
+
+def _classifier(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
+    """The final Linear, one output row per label (`classifier` in BERT-like models), and its name."""
+    name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    if head.out_features != model.config.num_labels:
+        raise ConfigError(f"init_from: {type(model).__name__} has no final Linear with one row per label")
+    return name, head
+
+
+def check_init_from(init_from: Path, tokenizer, backbone: str) -> None:
+    """Fail unless `init_from` is a model folder whose tokenizer has the vocabulary of `tokenizer`,
+    the one `backbone` prepared the data with: other token ids would silently mean other words."""
+    from transformers import AutoTokenizer
+
+    if not (init_from / "config.json").is_file():
+        raise ConfigError(f"init_from: {init_from} has no config.json; not a model folder")
+    theirs, ours = AutoTokenizer.from_pretrained(init_from, local_files_only=True).get_vocab(), tokenizer.get_vocab()
+    if theirs != ours:
+        raise ConfigError(
+            f"init_from: {init_from} uses a different tokenizer (vocabulary of {len(theirs)} tokens) than "
+            f"model.backbone {backbone!r} ({len(ours)} tokens) that prepared the data; prepare the data with "
+            f"model.backbone={init_from} or train from the backbone"
+        )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int):
@@ -89,8 +134,13 @@ def compat_fields(cfg: FinetuneConfig, meta: dict) -> dict:
 
 
 def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint_dir: str | None = None,
-        resume_from: str | None = None) -> TrainResult:
+        resume_from: str | None = None, init_from: Path | None = None) -> TrainResult:
     """Train on `prepared_dir` and write the model folder to `output_dir`.
+
+    `init_from` (a local folder of a published model) replaces the backbone's weights as the
+    starting point (warm start); its tokenizer must have the vocabulary the data was prepared with
+    (ConfigError), and where its labels differ its head rows are kept by label name (`build_model`).
+    A checkpoint to resume from, as below, still overrides those weights.
 
     `checkpoint_dir` is this run's durable checkpoint prefix, shared by all its attempts: if it
     holds a complete checkpoint, training continues from the newest one that loads (automatic
@@ -109,7 +159,11 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     seed_everything(tcfg.seed, tcfg.deterministic)
     device = distributed.device(world)
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer", local_files_only=True)
-    model = build_model(cfg, meta["labels"]).to(device)
+    if init_from is not None:
+        init_from = Path(init_from)
+        check_init_from(init_from, tokenizer, meta["tokenizer"])
+        log.info("warm start from %s", init_from)
+    model = build_model(cfg, meta["labels"], init_from).to(device)
     train_store = FeatureStore(prepared_dir / "train")
     val_store = FeatureStore(prepared_dir / "validation")
 
@@ -205,7 +259,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
             writer.close()
 
     result = TrainResult(global_step=progress.global_step, epochs_completed=len(progress.history),
-                         history=progress.history, resumed_from=source)
+                         history=progress.history, resumed_from=source,
+                         initialised_from=str(init_from) if init_from else None)
     if world.is_main:
         save_model(model, tokenizer, output_dir, cfg, result)
     return result
@@ -294,7 +349,7 @@ def save_model(model, tokenizer, output_dir: Path, cfg: FinetuneConfig, result: 
     (output_dir / "label_map.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n")
     (output_dir / "finetune_config.yaml").write_text(cfg.to_yaml())
     history = {"global_step": result.global_step, "epochs_completed": result.epochs_completed,
-               "history": result.history}
+               "history": result.history, "init_from": result.initialised_from}
     (output_dir / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")
 
 

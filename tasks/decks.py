@@ -46,3 +46,23 @@ def _many_classes(metrics: dict) -> str:
                        f"Most frequent confusions (all in {metrics.get('details_file', 'the run folder')})")
     return "<br>".join([counts, table(header, worst, "Worst classes by F1"), table(header, best, "Best classes by F1"),
                         confusions])
+
+
+def gate(decision: dict) -> str:
+    """The new model against production: the decision first, then the numbers behind it."""
+    verdict = "promote" if decision["promote"] else "not promoted"
+    head = f"<p><b>{html.escape(verdict)}</b>: {html.escape(decision['reason'])}</p>"
+    ours, theirs = decision["candidate"], decision["production"] or {}
+    metric = decision["metric"]
+    scores = table(["model", "examples", "accuracy", "macro-F1"],
+                   [["this run", ours["n_examples"], ours["accuracy"], ours["macro_f1"]],
+                    [f"production {decision['production_version'] or '(none)'}", theirs.get("n_examples", "-"),
+                     theirs.get("accuracy", "-"), theirs.get("macro_f1", "-")]],
+                   f"Both on the same rows; deciding metric: {metric}")
+    sets = table(["evaluation set", "rows"], [[name, s["rows"]] for name, s in decision["eval_sets"].items()])
+    parts = [head, scores, sets]
+    if decision["class_drops"]:
+        parts.append(table(["label", "production F1", "this run's F1", "drop", "support"],
+                           [[d["label"], d["production_f1"], d["candidate_f1"], d["drop"], d["support"]]
+                            for d in decision["class_drops"]], "Classes that regressed beyond gate.max_class_drop"))
+    return "<br>".join(parts)

@@ -14,6 +14,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
+from flytetune import artifacts, gate
 from flytetune import evaluate as evaluation
 from flytetune import train as training
 from flytetune.config import FinetuneConfig
@@ -49,12 +50,14 @@ def _check_gpus(preset: str) -> None:
     log.warning("preset %s asks for %d GPU(s) but none is visible: training on CPU", preset, gpus)
 
 
-def _train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str], preset: str) -> FlyteDirectory:
+def _train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str], preset: str,
+           init_from: Optional[str]) -> FlyteDirectory:
     _check_gpus(preset)
     out = workdir("model")
+    init_dir = artifacts.fetch(init_from, workdir("init")) if init_from else None
     try:
         result = training.fit(Path(prepared.download()), out, cfg, checkpoint_dir=run_checkpoint_dir(cfg, run_id()),
-                              resume_from=resume_from)
+                              resume_from=resume_from, init_from=init_dir)
     except Preempted as e:
         # Recoverable: Flyte retries it within the task's `retries` (see README, "Preemption").
         raise FlyteRecoverableException(str(e)) from e
@@ -77,9 +80,10 @@ TRAIN_TASK = dict(
 
 
 @task(**TRAIN_TASK)
-def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str], preset: str) -> FlyteDirectory:
+def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str], preset: str,
+          init_from: Optional[str]) -> FlyteDirectory:
     """One process: CPU or one GPU."""
-    return _train(prepared, cfg, resume_from, preset)
+    return _train(prepared, cfg, resume_from, preset, init_from)
 
 
 # With nnodes=1 the Elastic plugin runs torch elastic inside a plain pod (no training operator) and
@@ -89,18 +93,19 @@ def train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[s
 @task(task_config=Elastic(nnodes=1, nproc_per_node=int(os.environ.get(PROCESSES_ENV, "2")), increase_shared_mem=False),
       **TRAIN_TASK)
 def train_distributed(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str],
-                      preset: str) -> FlyteDirectory:
+                      preset: str, init_from: Optional[str]) -> FlyteDirectory:
     """Data-parallel: one process per GPU under torchrun (DDP; NCCL on GPUs, gloo on CPU)."""
-    return _train(prepared, cfg, resume_from, preset)
+    return _train(prepared, cfg, resume_from, preset, init_from)
 
 
 @dynamic(**step("train_on_preset"))
 def train_on_preset(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[str],
-                    preset: str) -> FlyteDirectory:
+                    preset: str, init_from: Optional[str]) -> FlyteDirectory:
     """Apply the hardware preset: the only place resources, accelerator and placement are set."""
     chosen = load_preset(preset)
     training_task = train_distributed if chosen.distributed else train
-    return training_task(prepared=prepared, cfg=cfg, resume_from=resume_from, preset=preset).with_overrides(
+    return training_task(prepared=prepared, cfg=cfg, resume_from=resume_from, preset=preset,
+                         init_from=init_from).with_overrides(
         node_name=f"train-{chosen.name}", **presets.overrides(chosen))
 
 
@@ -108,12 +113,19 @@ class Evaluated(NamedTuple):
     metrics: dict
     # The full per-class tables of a many-class evaluation (metrics["details_file"]), else None.
     details: Optional[FlyteFile]
+    # The evaluation gate's decision: promote or not, why, both models' scores (flytetune/gate.py).
+    gate: dict
 
 
-@task(enable_deck=True, **step("evaluate"))
-def evaluate(model: FlyteDirectory, prepared: FlyteDirectory, cfg: FinetuneConfig) -> Evaluated:
-    model_dir = Path(model.download())
-    metrics = evaluation.evaluate(model_dir, Path(prepared.download()), batch_size=cfg.train.eval_batch_size)
+# Reads production's model from output_uri: the AWS web identity (tasks/pods.py).
+@task(enable_deck=True, pod_template=pod_template(), **step("evaluate"))
+def evaluate(model: FlyteDirectory, prepared: FlyteDirectory, cfg: FinetuneConfig, output_uri: str) -> Evaluated:
+    """Test metrics of the new model, and the gate: the new model against production on the same rows."""
+    model_dir, prepared_dir = Path(model.download()), Path(prepared.download())
+    metrics = evaluation.evaluate(model_dir, prepared_dir, batch_size=cfg.train.eval_batch_size)
     Deck("Test metrics", decks.test_metrics(metrics))
+    decision = gate.run(model_dir, prepared_dir, cfg, output_uri, workdir("gate"))
+    Deck("Gate", decks.gate(decision))
     details = metrics.get("details_file")
-    return Evaluated(metrics=metrics, details=FlyteFile(str(model_dir / details)) if details else None)
+    return Evaluated(metrics=metrics, details=FlyteFile(str(model_dir / details)) if details else None,
+                     gate=decision)

@@ -5,20 +5,22 @@ pods start without pulling the CUDA build of torch.
 """
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Annotated, NamedTuple, Optional
 
-from flytekit import task
+from flytekit import HashMethod, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from flytetune import artifacts, data, locations, storage
+from flytetune import artifacts, data, gate, locations, run_inputs, storage
 from flytetune import prepare as preparation
-from flytetune.backbone import resolve_backbone
+from flytetune.backbone import resolve_backbone, tokenizer_fingerprint
 from flytetune.checkpoint_paths import resolve_resume
-from flytetune.config import FinetuneConfig, load_config, parse_overrides
+from flytetune.config import DataConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
 from flytetune.presets import load_preset
+from flytetune.storage.checksums import file_sha256
 from tasks.context import durable_root, execution_prefix, workdir
 from tasks.pods import LIGHT_IMAGE, pod_template, step
 
@@ -26,56 +28,116 @@ from tasks.pods import LIGHT_IMAGE, pod_template, step
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# Bump when copy_dataset's or prepare's output changes for the same inputs (a new file in the prepared
+# folder, another tokenisation): cached results of older code are then not reused.
+COPY_CACHE_VERSION = "1"
+PREPARE_CACHE_VERSION = "1"
+
+
+@dataclass
+class PrepareSettings:
+    """Everything that changes prepared data besides the dataset: prepare's cache key, with the dataset's hash."""
+
+    data: DataConfig
+    backbone: str
+    # Of the backbone's tokenizer files: a model package upgraded in the image invalidates cached data.
+    tokenizer_sha256: str
+
+
 class Resolved(NamedTuple):
     cfg: FinetuneConfig
     output_uri: str
     resume_from: Optional[str]
+    # What copy_dataset will copy (storage.fingerprint of the located files): copy's cache key. "" with prepared_uri.
+    dataset_fingerprint: str
+    prepare_settings: PrepareSettings
+    # The published run folder to warm-start from, or None.
+    init_from: Optional[str]
 
 
 # Tasks that may read or write s3:// carry the AWS web identity (tasks/pods.py).
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("resolve"))
-def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str,
-            from_checkpoint: Optional[str]) -> Resolved:
+def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str, from_checkpoint: Optional[str],
+            dataset_uri: str, test_uri: Optional[str], kickoff_time: datetime, retrain_anyway: bool,
+            prepared_uri: Optional[str], init_from: Optional[str]) -> Resolved:
     """Check everything a user typed before data moves or a GPU starts: config, overrides, preset,
-    backbone, where checkpoints and models go (object storage on a cluster, writable), and `--from_checkpoint`."""
+    backbone, where checkpoints and models go (object storage on a cluster, writable), `--from_checkpoint`,
+    the data (an export newer than production's), `--prepared_uri`, `--init_from` and `gate.eval_uri`."""
     load_preset(preset)
     cfg = load_config(config.to_dict(), parse_overrides(overrides))
     resolve_backbone(cfg.model.backbone)
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root())
     locations.check_writable(cfg, output_uri)
-    return Resolved(cfg=cfg, output_uri=output_uri, resume_from=resolve_resume(cfg, from_checkpoint))
+    run_inputs.check_eval_uri(cfg)
+    fingerprint = ""
+    if prepared_uri:
+        run_inputs.check_prepared(prepared_uri, cfg)
+    else:
+        located = data.locate(dataset_uri, test_uri, kickoff_time)
+        run_inputs.check_new_data(located, output_uri, cfg.model.name, retrain_anyway)
+        fingerprint = data.fingerprint(located)
+    init_uri = run_inputs.resolve_init_from(init_from, output_uri, cfg.model.name) if init_from else None
+    settings = PrepareSettings(data=cfg.data, backbone=cfg.model.backbone,
+                               tokenizer_sha256=tokenizer_fingerprint(cfg.model.backbone))
+    return Resolved(cfg=cfg, output_uri=output_uri, resume_from=resolve_resume(cfg, from_checkpoint),
+                    dataset_fingerprint=fingerprint, prepare_settings=settings, init_from=init_uri)
 
 
-@task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("copy_dataset"))
-def copy_dataset(dataset_uri: str, test_uri: Optional[str], kickoff_time: datetime) -> str:
+@dataclass
+class Dataset:
+    """The run's copy of its data files, and their SHA-256 (prepare's cache key, via HashMethod)."""
+
+    uri: str
+    sha256: str
+
+
+# Cached by what is copied (the located objects' fingerprint), not by when: the weekly kickoff time
+# changes every week, the data may not. A re-run with unchanged data skips the copy.
+@task(container_image=LIGHT_IMAGE, pod_template=pod_template(), cache=True, cache_version=COPY_CACHE_VERSION,
+      cache_ignore_input_vars=("kickoff_time",), **step("copy_dataset"))
+def copy_dataset(dataset_uri: str, test_uri: Optional[str], kickoff_time: datetime,
+                 fingerprint: str) -> Annotated[Dataset, HashMethod(lambda d: d.sha256)]:
     """Bring the dataset into the cluster's own cloud with flytetune.storage (verified, parallel),
-    not through Flyte's fsspec transfer; returns the URI of the copy. A prefix of dated exports
-    resolves to the newest complete one at or before `kickoff_time` (uncached on purpose)."""
+    not through Flyte's fsspec transfer. A prefix of dated exports resolves to the newest complete
+    one at or before `kickoff_time`; the copy refuses data that changed since `resolve` saw it."""
     raw = workdir("raw")
-    data.copy_dataset(dataset_uri, raw, test_uri=test_uri, at=kickoff_time)
+    sources = data.copy_dataset(dataset_uri, raw, test_uri=test_uri, at=kickoff_time, expect_fingerprint=fingerprint)
     dest = execution_prefix("dataset")
     storage.sync(str(raw), dest)
-    return dest
+    return Dataset(uri=dest, sha256=file_sha256(*(raw / source["file"] for source in sources.values())))
 
 
-@task(container_image=LIGHT_IMAGE, **step("prepare"))
-def prepare(raw_uri: str, cfg: FinetuneConfig) -> FlyteDirectory:
+# Keyed by the dataset's content (its HashMethod) and the data settings, not the whole config: a
+# change of epochs or learning rate reuses the prepared data, a change of max_length does not.
+@task(container_image=LIGHT_IMAGE, cache=True, cache_version=PREPARE_CACHE_VERSION, **step("prepare"))
+def prepare(dataset: Dataset, settings: PrepareSettings) -> FlyteDirectory:
     raw, out = workdir("raw"), workdir("prepared")
-    storage.sync(raw_uri, str(raw))
-    preparation.prepare(raw, out, cfg)
+    storage.sync(dataset.uri, str(raw))
+    preparation.prepare(raw, out, FinetuneConfig(data=settings.data, model=ModelConfig(backbone=settings.backbone)))
     return FlyteDirectory(str(out))
+
+
+@task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("resolve"))
+def prepared_data(prepared_uri: str) -> FlyteDirectory:
+    """`--prepared_uri`: an earlier run's prepared data (checked in resolve), used as it is."""
+    return FlyteDirectory(prepared_uri)
 
 
 class Published(NamedTuple):
     artifacts_uri: str
     test_metrics: dict
+    # Whether this version now serves as production, and why (the gate's reason, or why not).
+    promoted: bool
+    reason: str
 
 
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("publish"))
 def publish(model: FlyteDirectory, prepared: FlyteDirectory, metrics: dict, details: Optional[FlyteFile],
-            cfg: FinetuneConfig, output_uri: str) -> Published:
-    meta = preparation.load_meta(Path(prepared.download()))
+            gate_decision: dict, cfg: FinetuneConfig, output_uri: str) -> Published:
+    """Publish the version (the gate's decision in its manifest), then move production to it if the gate passed."""
+    meta = {**preparation.load_meta(Path(prepared.download())), "prepared_uri": prepared.remote_source}
     extra = {metrics["details_file"]: Path(details.download())} if details is not None else None
     run_uri = artifacts.publish(Path(model.download()), output_uri, cfg.model.name, metrics=metrics,
-                                config=cfg.to_dict(), data_meta=meta, extra_files=extra)
-    return Published(artifacts_uri=run_uri, test_metrics=artifacts.summary(metrics))
+                                config=cfg.to_dict(), data_meta=meta, extra_files=extra, gate=gate_decision)
+    outcome = gate.promote_if_passed(output_uri, cfg, run_uri, gate_decision)
+    return Published(artifacts_uri=run_uri, test_metrics=artifacts.summary(metrics), **outcome)

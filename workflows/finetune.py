@@ -3,23 +3,34 @@
     pyflyte run workflows/finetune.py finetune \
         [--dataset_uri URI] [--test_uri URI] [--output_uri URI|auto] [--config my.yaml] [--overrides "k=v ..."]
         [--from_checkpoint latest|URI] [--preset cpu|t4|a100|a100-80gb|a100x4|h100x8]
+        [--prepared_uri URI] [--init_from production|VERSION|URI] [--retrain_anyway]
 """
 
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from flytekit import workflow
+from flytekit import conditional, workflow
+from flytekit.types.directory import FlyteDirectory
 
 from flytetune.config import AUTO, DEFAULT_CONFIG_PATH, FinetuneConfig, load_config
 from flytetune.data import DEFAULT_DATASET_URI
 from flytetune.exports import NO_CUTOFF
 from tasks.finetune import evaluate, train_on_preset
-from tasks.steps import Published, copy_dataset, prepare, publish, resolve
+from tasks.steps import PrepareSettings, Published, copy_dataset, prepare, prepared_data, publish, resolve
 
 # The config is a typed input, read where `pyflyte run` runs: a YAML edited on a laptop travels with
 # the execution (and shows in the UI), whatever the image holds.
 DEFAULT_CONFIG = load_config(Path(__file__).resolve().parents[1] / DEFAULT_CONFIG_PATH)
+
+
+@workflow
+def copy_and_prepare(dataset_uri: str, test_uri: Optional[str], kickoff_time: datetime, fingerprint: str,
+                     settings: PrepareSettings) -> FlyteDirectory:
+    """Copy the located data into the cluster's cloud, then validate, split and tokenise it (both cached)."""
+    dataset = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri, kickoff_time=kickoff_time,
+                           fingerprint=fingerprint)
+    return prepare(dataset=dataset, settings=settings)
 
 
 @workflow
@@ -32,6 +43,9 @@ def finetune(
     from_checkpoint: Optional[str] = None,
     preset: str = "cpu",
     kickoff_time: datetime = NO_CUTOFF,
+    retrain_anyway: bool = False,
+    prepared_uri: Optional[str] = None,
+    init_from: Optional[str] = None,
 ) -> Published:
     """Fine-tune the configured backbone on `dataset_uri` and publish to `output_uri`.
 
@@ -44,15 +58,28 @@ def finetune(
     timeout, processes).
     When `dataset_uri` is a prefix of dated exports (`.../dt=YYYY-MM-DD/` folders, complete with
     `_SUCCESS`), the newest complete one dated at or before `kickoff_time` is used; the weekly
-    schedule sets it, by hand it defaults to no cutoff (the newest).
+    schedule sets it, by hand it defaults to no cutoff (the newest). A run fails if that export is not
+    newer than the one production was trained on, unless `retrain_anyway`.
+    Copy and prepare are cached: unchanged data and data settings go straight to training.
+    `prepared_uri` trains on an earlier run's prepared data (its manifest's `data.prepared_uri`);
+    `init_from` warm-starts from a published model: `production`, a version, or a run folder URI.
+    The new model is published, compared with production on the same rows (`gate` in the config),
+    and promoted only if it is better; the output says whether, and why.
     """
     run = resolve(config=config, overrides=overrides, preset=preset, output_uri=output_uri,
-                  from_checkpoint=from_checkpoint)
-    dataset = copy_dataset(dataset_uri=dataset_uri, test_uri=test_uri, kickoff_time=kickoff_time)
-    # A typo fails in `resolve`, before any data moves (`>>` on one output: a multi-output call ignores it).
-    run.cfg >> dataset
-    prepared = prepare(raw_uri=dataset, cfg=run.cfg)
-    model = train_on_preset(prepared=prepared, cfg=run.cfg, resume_from=run.resume_from, preset=preset)
-    evaluated = evaluate(model=model, prepared=prepared, cfg=run.cfg)
+                  from_checkpoint=from_checkpoint, dataset_uri=dataset_uri, test_uri=test_uri,
+                  kickoff_time=kickoff_time, retrain_anyway=retrain_anyway, prepared_uri=prepared_uri,
+                  init_from=init_from)
+    prepared = (
+        conditional("data")
+        .if_(prepared_uri.is_none())
+        .then(copy_and_prepare(dataset_uri=dataset_uri, test_uri=test_uri, kickoff_time=kickoff_time,
+                               fingerprint=run.dataset_fingerprint, settings=run.prepare_settings))
+        .else_()
+        .then(prepared_data(prepared_uri=prepared_uri))
+    )
+    model = train_on_preset(prepared=prepared, cfg=run.cfg, resume_from=run.resume_from, preset=preset,
+                            init_from=run.init_from)
+    evaluated = evaluate(model=model, prepared=prepared, cfg=run.cfg, output_uri=run.output_uri)
     return publish(model=model, prepared=prepared, metrics=evaluated.metrics, details=evaluated.details,
-                   cfg=run.cfg, output_uri=run.output_uri)
+                   gate_decision=evaluated.gate, cfg=run.cfg, output_uri=run.output_uri)

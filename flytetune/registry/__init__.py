@@ -38,6 +38,14 @@ class RegistryError(ValueError):
     """Bad input or a state that forbids the request: one line naming the model and the version."""
 
 
+class ProductionMoved(RegistryError):
+    """Production is no longer the version a decision was made against (another run promoted meanwhile)."""
+
+
+# `promote(..., replaces=ANY)`: whatever serves now.
+ANY = object()
+
+
 def _model_uri(output_uri: str, name: str) -> str:
     return artifacts.join(output_uri, name)
 
@@ -202,18 +210,26 @@ def _swap(output_uri: str, name: str, choose, action: str, reason: str, by: str 
     return pointer
 
 
-def promote(output_uri: str, name: str, version: str, reason: str, by: str | None = None) -> dict:
+def promote(output_uri: str, name: str, version: str, reason: str, by: str | None = None,
+            replaces: object = ANY) -> dict:
     """Make `version` the production version; return the new pointer.
 
     Refuses a version that is unknown, incomplete, fails `artifacts.verify`, or already serves.
     Safe against concurrent promotions: each one lands in the log, in `seq` order, and the pointer
-    ends at the last one.
+    ends at the last one. `replaces` (a version, or None for "no production yet") makes the swap
+    conditional on what serves: a gate's decision against version X must not replace Y
+    (ProductionMoved).
     """
     manifest = _check_promotable(output_uri, name, version)
 
     def choose(pointer: dict | None) -> tuple[str, dict]:
-        if pointer is not None and pointer["version"] == version:
+        serving = pointer["version"] if pointer else None
+        if serving == version:
             raise RegistryError(f"{_model_uri(output_uri, name)}: {version} is already in production")
+        if replaces is not ANY and serving != replaces:
+            raise ProductionMoved(f"{_model_uri(output_uri, name)}: production moved to {serving} after this run "
+                                  f"was compared with {replaces or 'no production'}; not promoting {version} "
+                                  "(compare again, or promote by hand)")
         return version, manifest
 
     return _swap(output_uri, name, choose, "promote", reason, by)

@@ -5,24 +5,28 @@ importing it costs nothing); everything else speaks URIs:
 
     copy(src, dst)               one object, verified, atomic at the destination
     sync(src_prefix, dst_prefix) every object under a prefix, parallel and incremental
-    ls, exists, read_bytes, write_bytes, read_text, write_text, remove
+    ls, exists, stat, read_bytes, write_bytes, read_text, write_text, remove
+    fingerprint(uris)            one hash of objects' sizes and versions: equal means unchanged
     check_writable(prefix)       fail early, in one line, where outputs could not be written
     read_with_token, write_bytes_if   compare-and-swap of one small object (PreconditionFailed)
 
 CLI: python -m flytetune.storage copy|sync SRC DST [--concurrency N]
 """
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 from flytetune.storage import gcs as _gcs
 from flytetune.storage import s3 as _s3
+from flytetune.storage.objects import ObjectInfo
 from flytetune.storage.transfer import TransferStats, backend, check_local_targets, copy, sync
 from flytetune.storage.uri import PreconditionFailed, StorageError, is_local, local_path, parse
 
-__all__ = ["PreconditionFailed", "StorageError", "TransferStats", "check_writable", "copy", "exists", "is_local",
-           "local_path", "ls", "read_bytes", "read_text", "read_with_token", "remove", "reset_clients", "sync",
-           "write_bytes", "write_bytes_if", "write_text"]
+__all__ = ["ObjectInfo", "PreconditionFailed", "StorageError", "TransferStats", "check_writable", "copy", "exists",
+           "fingerprint", "is_local", "local_path", "ls", "read_bytes", "read_text", "read_with_token", "remove",
+           "reset_clients", "stat", "sync", "write_bytes", "write_bytes_if", "write_text"]
 
 
 def _join(uri: str, relative: str) -> str:
@@ -44,6 +48,28 @@ def ls(uri: str) -> list[str]:
             out.append(_join(uri, rel))
         return sorted(out)
     return [uri] if backend(loc).stat(loc) is not None else []
+
+
+def stat(uri: str) -> ObjectInfo | None:
+    """Size, digests and version of one object; None if there is none (a prefix is none)."""
+    loc = parse(uri)
+    return backend(loc).stat(loc)
+
+
+def fingerprint(uris: list[str]) -> str:
+    """SHA-256 over each object's URI, size, digests and version (one stat each, no download).
+
+    Equal fingerprints mean the same objects, unchanged; a rewrite with the same bytes may still
+    change it (a new S3 ETag for another part size, a new local mtime), which costs a re-copy, never
+    a stale result. StorageError naming the URI when an object is missing.
+    """
+    entries = []
+    for uri in sorted(uris):
+        info = stat(uri)
+        if info is None:
+            raise StorageError(f"{uri}: no such object")
+        entries.append([uri, info.size, info.crc32c, info.md5, info.version])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def exists(uri: str) -> bool:

@@ -82,6 +82,11 @@ def _md5_hex(b64: str | None) -> str | None:
     return base64.b64decode(b64).hex() if b64 else None
 
 
+def _info(blob) -> ObjectInfo:
+    generation = str(blob.generation) if blob.generation is not None else None
+    return ObjectInfo(blob.name, blob.size, crc32c=blob.crc32c, md5=_md5_hex(blob.md5_hash), version=generation)
+
+
 class GCSBackend:
     scheme = "gs"
 
@@ -92,8 +97,7 @@ class GCSBackend:
         prefix = loc.key.rstrip("/") + "/" if loc.key else ""
         try:
             blobs = client().list_blobs(loc.bucket, prefix=prefix, timeout=TIMEOUT, retry=_retry())
-            return [ObjectInfo(b.name, b.size, crc32c=b.crc32c, md5=_md5_hex(b.md5_hash))
-                    for b in blobs if not b.name.endswith("/")]
+            return [_info(b) for b in blobs if not b.name.endswith("/")]
         except Exception as e:  # noqa: BLE001 - every SDK error becomes one StorageError line
             raise _error(loc, e) from None
 
@@ -102,8 +106,7 @@ class GCSBackend:
             blob = self._bucket(loc).get_blob(loc.key, timeout=TIMEOUT, retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
-        return None if blob is None else ObjectInfo(blob.name, blob.size, crc32c=blob.crc32c,
-                                                    md5=_md5_hex(blob.md5_hash))
+        return None if blob is None else _info(blob)
 
     def is_prefix(self, loc: Location) -> bool:
         try:

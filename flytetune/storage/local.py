@@ -47,6 +47,11 @@ def current_umask() -> int:
     return mask
 
 
+def _info(path: Path) -> ObjectInfo:
+    st = path.stat()
+    return ObjectInfo(str(path), st.st_size, version=f"{st.st_mtime_ns}-{st.st_ino}")
+
+
 class LocalBackend:
     scheme = "file"
 
@@ -54,12 +59,12 @@ class LocalBackend:
         root = Path(loc.key)
         if not root.is_dir():
             return []
-        return [ObjectInfo(str(p), p.stat().st_size) for p in sorted(root.rglob("*"))
+        return [_info(p) for p in sorted(root.rglob("*"))
                 if p.is_file() and not p.name.endswith((".part", LOCK_SUFFIX))]
 
     def stat(self, loc: Location) -> ObjectInfo | None:
         path = Path(loc.key)
-        return ObjectInfo(str(path), path.stat().st_size) if path.is_file() else None
+        return _info(path) if path.is_file() else None
 
     def is_prefix(self, loc: Location) -> bool:
         return Path(loc.key).is_dir()

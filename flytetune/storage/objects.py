@@ -11,6 +11,9 @@ class ObjectInfo:
     crc32c: str | None = None
     # Hex MD5 when known (GCS; S3 single-part ETag).
     md5: str | None = None
+    # Changes whenever the content may have: the S3 ETag (multipart too), the GCS generation, a local
+    # file's modification time. Equal versions mean unchanged content; different ones may not.
+    version: str | None = None
 
 
 def same_content(a: ObjectInfo, b: ObjectInfo) -> bool | None:

@@ -114,7 +114,7 @@ def _or_none_if_missing(loc: Location, call):
 def _info(key: str, size: int, etag: str | None, metadata: dict | None) -> ObjectInfo:
     etag = (etag or "").strip('"')
     md5 = etag if etag and "-" not in etag else None
-    return ObjectInfo(key, size, crc32c=(metadata or {}).get(CRC_META), md5=md5)
+    return ObjectInfo(key, size, crc32c=(metadata or {}).get(CRC_META), md5=md5, version=etag or None)
 
 
 class S3Backend:
