@@ -164,3 +164,16 @@ def test_fingerprint_changes_with_the_data_and_not_without(tmp_path):
     assert storage.fingerprint([str(path)]) == first
     path.write_text("text,label\na,cc\n")
     assert storage.fingerprint([str(path)]) != first
+
+
+def test_the_gate_deck_leads_with_the_decision_and_lists_regressed_classes():
+    from tasks import decks
+
+    production = scores({"a": 27, "b": 27, "c": 27})
+    decision = {**gate.compare(scores({"a": 30, "b": 30, "c": 24}), production, GateConfig(metric="accuracy"), "v1"),
+                "production_version": "v1", "eval_sets": {"test split": {"rows": 90}},
+                "candidate": {"n_examples": 90, "accuracy": 0.93, "macro_f1": 0.93},
+                "production": {"n_examples": 90, "accuracy": 0.9, "macro_f1": 0.9}}
+    page = decks.gate(decision)
+    assert page.startswith("<p><b>not promoted</b>: class F1 dropped beyond gate.max_class_drop=0.05: &#x27;c&#x27;")
+    assert "production v1" in page and "<td>c</td>" in page and "Classes that regressed" in page
