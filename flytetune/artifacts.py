@@ -59,12 +59,13 @@ def code_version() -> str | None:
 
 def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict, config: dict,
             data_meta: dict, version: str | None = None, extra_files: dict[str, Path] | None = None,
-            gate: dict | None = None) -> str:
+            gate: dict | None = None, init_from: str | None = None) -> str:
     """Upload the model folder with its metrics and lineage; return the run folder URI.
 
     `extra_files` (name -> local file) go next to the model, e.g. the full confusion matrix of a
     many-class evaluation that ran in another task. `gate` is the evaluation gate's decision
-    (flytetune/gate.py): whether this version should replace production, and why.
+    (flytetune/gate.py): whether this version should replace production, and why. `init_from` is the
+    published model it was warm-started from.
     """
     version = version or new_version()
     run_uri = join(output_uri, model_name, version)
@@ -95,6 +96,7 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
         "data": {k: data_meta.get(k) for k in ("sources", "exports", "rows", "labels", "text_column", "label_column",
                                                "prepared_uri")},
         "config": config,
+        "init_from": init_from,
         "metrics": {k: metrics.get(k) for k in ("split", "n_examples", "accuracy", "macro_f1")},
         "gate": gate,
         "files": files,
@@ -108,7 +110,7 @@ def read_manifest(run_uri: str) -> dict:
     """The manifest of a published run folder; FileNotFoundError naming the folder if it has none."""
     manifest_uri = join(run_uri, MANIFEST)
     if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"{run_uri}: no {MANIFEST}; not a published flytetune model, or incomplete")
+        raise FileNotFoundError(f"{run_uri}: no {MANIFEST}; the run folder is incomplete, or not a published model")
     return json.loads(storage.read_bytes(manifest_uri))
 
 

@@ -54,17 +54,21 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
     preemption continues from the newest complete checkpoint. `prepared_uri` skips copy and
     prepare; `init_from` (`production`, a version or a run URI) warm-starts from a published model.
     """
-    resolve_backbone(cfg.model.backbone)
-    cfg, output_uri = locations.resolve(cfg, output_uri, durable_root=None)
-    locations.check_writable(cfg, output_uri)
-    resume_from = checkpoint.resolve_resume(cfg, from_checkpoint)
-    run_inputs.check_eval_uri(cfg)
-    if prepared_uri:
-        run_inputs.check_prepared(prepared_uri, cfg)
-    else:
-        run_inputs.check_new_data(locate(dataset_uri, test_uri), output_uri, cfg.model.name, retrain_anyway)
-    init_uri = run_inputs.resolve_init_from(init_from, output_uri, cfg.model.name) if init_from else None
     world = distributed.init()
+    # Rank 0 checks (the write probes of several ranks would trip over each other); every rank gets its answer.
+    checked, error = None, None
+    if world.is_main:
+        try:
+            checked = check_inputs(cfg, dataset_uri, output_uri, test_uri, from_checkpoint, prepared_uri, init_from,
+                                   retrain_anyway)
+        except USER_ERRORS as e:
+            error = e
+    checked, message = distributed.from_main(world, (checked, str(error) if error else None))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ConfigError(message)
+    cfg, output_uri, resume_from, init_uri = checked
     # Under torchrun (one node) rank 0 copies, prepares and publishes; every rank trains.
     run_id = distributed.from_main(world, run_id or artifacts.new_version())
     with scratch.folder("work") as tmp:
@@ -86,8 +90,26 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
         metrics = evaluate(work / "model", work / "prepared", batch_size=cfg.train.eval_batch_size)
         decision = gate.run(work / "model", work / "prepared", cfg, output_uri, work / "gate")
         run_uri = artifacts.publish(work / "model", output_uri, cfg.model.name, metrics=metrics,
-                                    config=cfg.to_dict(), data_meta=meta, gate=decision)
+                                    config=cfg.to_dict(), data_meta=meta, gate=decision, init_from=init_uri)
     return RunResult(run_uri, metrics, gate.promote_if_passed(output_uri, cfg, run_uri, decision))
+
+
+def check_inputs(cfg: FinetuneConfig, dataset_uri: str, output_uri: str, test_uri: str | None,
+                 from_checkpoint: str | None, prepared_uri: str | None, init_from: str | None,
+                 retrain_anyway: bool) -> tuple[FinetuneConfig, str, str | None, str | None]:
+    """Everything that can be checked before data moves: the config resolved for this machine, the
+    output URI, the checkpoint to start from and the run folder to warm-start from."""
+    resolve_backbone(cfg.model.backbone)
+    cfg, output_uri = locations.resolve(cfg, output_uri, durable_root=None)
+    locations.check_writable(cfg, output_uri)
+    resume_from = checkpoint.resolve_resume(cfg, from_checkpoint)
+    run_inputs.check_eval_uri(cfg)
+    if prepared_uri:
+        run_inputs.check_prepared(prepared_uri, cfg)
+    else:
+        run_inputs.check_new_data(locate(dataset_uri, test_uri), output_uri, cfg.model.name, retrain_anyway)
+    init_uri = run_inputs.resolve_init_from(init_from, output_uri, cfg.model.name) if init_from else None
+    return cfg, output_uri, resume_from, init_uri
 
 
 def continue_command(argv: list[str], run_id: str) -> str:

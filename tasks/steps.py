@@ -48,7 +48,7 @@ class Resolved(NamedTuple):
     cfg: FinetuneConfig
     output_uri: str
     resume_from: Optional[str]
-    # What copy_dataset will copy (storage.fingerprint of the located files): copy's cache key. "" with prepared_uri.
+    # What copy_dataset will copy (storage.fingerprint of the located files): copy's cache key; "" with prepared_uri.
     dataset_fingerprint: str
     prepare_settings: PrepareSettings
     # The published run folder to warm-start from, or None.
@@ -59,7 +59,7 @@ class Resolved(NamedTuple):
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("resolve"))
 def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str, from_checkpoint: Optional[str],
             dataset_uri: str, test_uri: Optional[str], kickoff_time: datetime, retrain_anyway: bool,
-            prepared_uri: Optional[str], init_from: Optional[str]) -> Resolved:
+            prepared_uri: str, init_from: Optional[str]) -> Resolved:
     """Check everything a user typed before data moves or a GPU starts: config, overrides, preset,
     backbone, where checkpoints and models go (object storage on a cluster, writable), `--from_checkpoint`,
     the data (an export newer than production's), `--prepared_uri`, `--init_from` and `gate.eval_uri`."""
@@ -133,11 +133,12 @@ class Published(NamedTuple):
 
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("publish"))
 def publish(model: FlyteDirectory, prepared: FlyteDirectory, metrics: dict, details: Optional[FlyteFile],
-            gate_decision: dict, cfg: FinetuneConfig, output_uri: str) -> Published:
+            gate_decision: dict, cfg: FinetuneConfig, output_uri: str, init_from: Optional[str]) -> Published:
     """Publish the version (the gate's decision in its manifest), then move production to it if the gate passed."""
     meta = {**preparation.load_meta(Path(prepared.download())), "prepared_uri": prepared.remote_source}
     extra = {metrics["details_file"]: Path(details.download())} if details is not None else None
     run_uri = artifacts.publish(Path(model.download()), output_uri, cfg.model.name, metrics=metrics,
-                                config=cfg.to_dict(), data_meta=meta, extra_files=extra, gate=gate_decision)
+                                config=cfg.to_dict(), data_meta=meta, extra_files=extra, gate=gate_decision,
+                                init_from=init_from)
     outcome = gate.promote_if_passed(output_uri, cfg, run_uri, gate_decision)
     return Published(artifacts_uri=run_uri, test_metrics=artifacts.summary(metrics), **outcome)

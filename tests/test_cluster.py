@@ -23,13 +23,14 @@ from flytetune.storage.uri import is_local
 from tests.cluster.harness import cli_literal, python_value
 from tests.conftest import IMAGE, LIGHT_IMAGE, REPO, primary_container, task_specs
 
-TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare", "tasks.steps.publish",
-         "tasks.finetune.train_on_preset", "tasks.finetune.train", "tasks.finetune.train_distributed",
+LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare", "tasks.steps.prepared_data",
+         "tasks.steps.publish"}
+TASKS = {*LIGHT, "tasks.finetune.train_on_preset", "tasks.finetune.train", "tasks.finetune.train_distributed",
          "tasks.finetune.evaluate"}
-LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare", "tasks.steps.publish"}
-# Tasks that may read or write s3://: the dataset, --from_checkpoint, checkpoints, the published model.
-S3_TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.publish", "tasks.finetune.train",
-            "tasks.finetune.train_distributed"}
+# Tasks that may read or write s3://: the dataset, --prepared_uri, --from_checkpoint, --init_from, checkpoints,
+# production's model for the gate, the published model and the registry.
+S3_TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepared_data", "tasks.steps.publish",
+            "tasks.finetune.train", "tasks.finetune.train_distributed", "tasks.finetune.evaluate"}
 
 
 def test_every_task_asks_for_explicit_resources(package):
@@ -114,8 +115,11 @@ def launch_plans(package) -> dict[str, launch_plan_pb2.LaunchPlanSpec]:
 
 def test_launch_plans_keep_checkpoints_and_models_off_the_pod(package):
     plans = launch_plans(package)
-    # The workflow's default plan is what `pyflyte run --remote` with no arguments starts.
-    assert set(plans) == {"workflows.finetune.finetune", "finetune_weekly_a100", "finetune_debug_t4"}
+    # The workflow's default plan is what `pyflyte run --remote` with no arguments starts. The copy
+    # and prepare sub-workflow gets a default plan too; it takes no config and publishes nothing.
+    assert set(plans) == {"workflows.finetune.finetune", "finetune_weekly_a100", "finetune_debug_t4",
+                          "workflows.finetune.copy_and_prepare"}
+    del plans["workflows.finetune.copy_and_prepare"]
     for name, spec in plans.items():
         inputs = {k: p.default for k, p in spec.default_inputs.parameters.items() if p.HasField("default")}
         inputs.update(spec.fixed_inputs.literals)
@@ -132,14 +136,17 @@ def test_training_receives_the_config_resolve_returns(package):
     (blob,) = [b for n, b in package.items() if n.endswith("workflows.finetune.finetune_2.pb")]
     spec = workflow_pb2.WorkflowSpec()
     spec.ParseFromString(blob)
-    nodes = {n.task_node.reference_id.name: n for n in spec.template.nodes}
-    resolve_id = nodes["tasks.steps.resolve"].id
-    for consumer in ("tasks.steps.prepare", "tasks.finetune.train_on_preset", "tasks.finetune.evaluate",
-                     "tasks.steps.publish"):
+    nodes = {n.metadata.name: n for n in spec.template.nodes}
+    resolve_id = nodes["resolve"].id
+    for consumer in ("train_on_preset", "evaluate", "publish"):
         (binding,) = [b.binding.promise for b in nodes[consumer].inputs if b.var == "cfg"]
         assert (binding.node_id, binding.var) == (resolve_id, "cfg"), consumer
-    # A typo fails in resolve before any data moves.
-    assert resolve_id in nodes["tasks.steps.copy_dataset"].upstream_node_ids
+    # Copy and prepare take what resolve checked (the data's fingerprint, the data settings): a typo
+    # fails in resolve before any data moves.
+    copy_and_prepare = nodes["data"].branch_node.if_else.case.then_node
+    bound = {b.var: b.binding.promise for b in copy_and_prepare.inputs}
+    assert (bound["fingerprint"].node_id, bound["fingerprint"].var) == (resolve_id, "dataset_fingerprint")
+    assert (bound["settings"].node_id, bound["settings"].var) == (resolve_id, "prepare_settings")
 
 
 def run_as_pod(package, task: str, inputs: dict[str, literals_pb2.Literal], tmp: Path, raw_prefix: str,
@@ -175,9 +182,21 @@ def resolve_inputs(config: literals_pb2.Literal, output_uri: str = AUTO) -> dict
     def text(value: str) -> literals_pb2.Literal:
         return literals_pb2.Literal(scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(string_value=value)))
 
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from flytetune.exports import NO_CUTOFF
+
     none = literals_pb2.Literal(scalar=literals_pb2.Scalar(none_type=literals_pb2.Void()))
+    newest = Timestamp()
+    newest.FromDatetime(NO_CUTOFF)
     return {"config": config, "overrides": text("train.epochs=2"), "preset": text("t4"),
-            "output_uri": text(output_uri), "from_checkpoint": none}
+            "output_uri": text(output_uri), "from_checkpoint": none,
+            "dataset_uri": text(str(REPO / "flytetune" / "sample" / "transactions.parquet")), "test_uri": none,
+            "kickoff_time": literals_pb2.Literal(scalar=literals_pb2.Scalar(
+                primitive=literals_pb2.Primitive(datetime=newest))),
+            "retrain_anyway": literals_pb2.Literal(scalar=literals_pb2.Scalar(
+                primitive=literals_pb2.Primitive(boolean=False))),
+            "prepared_uri": text(""), "init_from": none}
 
 
 def test_a_config_edited_after_the_image_was_built_reaches_training(package, s3_bucket, tmp_path):
@@ -257,6 +276,7 @@ def test_a_gpu_preset_on_a_node_without_a_usable_gpu_fails_at_once(package, s3_b
     inputs = {k: v.to_flyte_idl() for k, v in inputs.items()}
     inputs.update({k: v for k, v in resolve_inputs(inputs["cfg"]).items() if k in ("preset",)})
     inputs["resume_from"] = literals_pb2.Literal(scalar=literals_pb2.Scalar(none_type=literals_pb2.Void()))
+    inputs["init_from"] = inputs["resume_from"]
     outputs, error = run_as_pod(package, "tasks.finetune.train", inputs, tmp_path, raw_prefix=f"s3://{s3_bucket}/raw")
     assert outputs is None
     assert "preset t4 asks for 1 GPU(s) but torch" in error and "NVIDIA driver must support CUDA" in error

@@ -135,13 +135,14 @@ def test_the_workflow_runs_in_the_image_s3_to_gcs_to_s3(cluster, buckets, uninte
     assert any(key.endswith(f"step-{STEPS:06d}/manifest.json") for key in checkpoints), checkpoints
     # Every node ran in a container of its own, as the image's user, once.
     nodes = [a.node for a in cluster.attempts if a.env["FLYTE_INTERNAL_EXECUTION_ID"] == "fc0ffee0001"]
-    assert nodes == ["n0", "n1", "n2", "n3", "n3-train-cpu", "n4", "n5"], nodes
+    # n1 is the branch on --prepared_uri: copy_and_prepare (n1-n0), a sub-workflow of copy and prepare.
+    assert nodes == ["n0", "n1-n0-n0", "n1-n0-n1", "n2", "n2-train-cpu", "n3", "n4"], nodes
     for attempt in cluster.attempts:
         print(f"  {attempt.container}: {attempt.seconds:.1f} s")
 
 
 def test_the_dynamic_node_carries_the_preset(cluster, uninterrupted):
-    (train,) = [a for a in cluster.attempts if a.node == "n3-train-cpu" and a.env["FLYTE_INTERNAL_EXECUTION_ID"]
+    (train,) = [a for a in cluster.attempts if a.node == "n2-train-cpu" and a.env["FLYTE_INTERNAL_EXECUTION_ID"]
                 == "fc0ffee0001"]
     from flytetune.presets import load_preset
 
@@ -159,12 +160,12 @@ def test_a_preempted_training_pod_resumes_and_ends_bit_identical(cluster, bucket
 
     def preempt(attempt, container) -> bool:
         """Stop the first training attempt once it has written a checkpoint, as a spot reclaim does."""
-        if attempt.node != "n3-train-cpu" or attempt.number != 0:
+        if attempt.node != "n2-train-cpu" or attempt.number != 0:
             return False
         return any(key.endswith("/manifest.json") for key in storage.ls(prefix))
 
     out = cluster.execute(inputs(buckets, edited_config), execution_id=execution, interrupt=preempt)
-    train = [a for a in cluster.attempts if a.node == "n3-train-cpu" and a.env["FLYTE_INTERNAL_EXECUTION_ID"]
+    train = [a for a in cluster.attempts if a.node == "n2-train-cpu" and a.env["FLYTE_INTERNAL_EXECUTION_ID"]
              == execution]
     assert [a.number for a in train] == [0, 1], "stopped once, retried once"
     assert "preempted" in (train[0].error or "") or train[0].exit_code in (137, 143), train[0].logs[-2000:]
@@ -182,9 +183,9 @@ def test_the_multi_gpu_preset_compiles_in_its_pod(cluster, uninterrupted):
     from flytetune.presets import load_preset
 
     done = cluster.results["fc0ffee0001"]
-    inputs = {"prepared": done["n2"]["o0"], "cfg": done["n0"]["cfg"], "resume_from": done["n0"]["resume_from"],
-              "preset": literal("a100x4")}
-    spec = cluster.compile_dynamic("fc0ffee0003", "n3", inputs)
+    inputs = {"prepared": done["n1"]["o0"], "cfg": done["n0"]["cfg"], "resume_from": done["n0"]["resume_from"],
+              "preset": literal("a100x4"), "init_from": literal(None)}
+    spec = cluster.compile_dynamic("fc0ffee0003", "n2", inputs)
     (node,), (task,) = spec.nodes, spec.tasks
     preset = load_preset(str(REPO / "configs" / "presets" / "a100x4.yaml"))
     assert task.id.name == "tasks.finetune.train_distributed"
@@ -204,7 +205,7 @@ def test_the_elastic_task_runs_two_processes_in_one_container(cluster, buckets, 
     out = cluster.execute(inputs(buckets, edited_config, overrides="train.max_steps=4 checkpoint.every_steps=2",
                                  preset="tests/cluster/presets/cpu-x2.yaml"), execution_id=execution)
     (train,) = [a for a in cluster.attempts if a.env["FLYTE_INTERNAL_EXECUTION_ID"] == execution
-                and a.node == "n3-train-cpu-x2"]
+                and a.node == "n2-train-cpu-x2"]
     assert train.env["FLYTETUNE_PROCESSES_PER_NODE"] == "2"
     # Each process logs its start of training.
     assert len(re.findall(r"training \S+ on \S+: \d+ examples", train.logs)) == 2, train.logs[-3000:]

@@ -88,7 +88,7 @@ def test_separate_test_file_is_used_for_metrics(tmp_path, tiny_cfg):
     df.slice(0, 3000).write_csv(train_path)
     df.slice(3000, 120).write_ndjson(test_path)
     cfg = tiny_cfg
-    run_uri, metrics = run(cfg, str(train_path), str(tmp_path / "bucket"), test_uri=str(test_path))
+    run_uri, metrics, _ = run(cfg, str(train_path), str(tmp_path / "bucket"), test_uri=str(test_path))
     meta = json.loads(Path(run_uri, "data_meta.json").read_text())
     assert meta["test_source"] == "test_uri" and meta["rows"]["test"] == 120 == metrics["n_examples"]
     # The test rows are not carved out of the dataset: its max_rows rows all go to train and validation.

@@ -44,7 +44,8 @@ def finetune(
     preset: str = "cpu",
     kickoff_time: datetime = NO_CUTOFF,
     retrain_anyway: bool = False,
-    prepared_uri: Optional[str] = None,
+    # "" rather than None: a None default is not a promise when the workflow is called from Python.
+    prepared_uri: str = "",
     init_from: Optional[str] = None,
 ) -> Published:
     """Fine-tune the configured backbone on `dataset_uri` and publish to `output_uri`.
@@ -72,7 +73,7 @@ def finetune(
                   init_from=init_from)
     prepared = (
         conditional("data")
-        .if_(prepared_uri.is_none())
+        .if_(prepared_uri == "")
         .then(copy_and_prepare(dataset_uri=dataset_uri, test_uri=test_uri, kickoff_time=kickoff_time,
                                fingerprint=run.dataset_fingerprint, settings=run.prepare_settings))
         .else_()
@@ -82,4 +83,4 @@ def finetune(
                             init_from=run.init_from)
     evaluated = evaluate(model=model, prepared=prepared, cfg=run.cfg, output_uri=run.output_uri)
     return publish(model=model, prepared=prepared, metrics=evaluated.metrics, details=evaluated.details,
-                   gate_decision=evaluated.gate, cfg=run.cfg, output_uri=run.output_uri)
+                   gate_decision=evaluated.gate, cfg=run.cfg, output_uri=run.output_uri, init_from=run.init_from)

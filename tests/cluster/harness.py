@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flyteidl.admin import launch_plan_pb2, task_pb2, workflow_pb2
+from flyteidl.core import condition_pb2 as conditions_pb2
 from flyteidl.core import dynamic_job_pb2, errors_pb2, literals_pb2, tasks_pb2
 from flyteidl.core import workflow_pb2 as core_workflow_pb2
 from google.protobuf.json_format import MessageToDict
@@ -60,6 +61,7 @@ class Package:
     tasks: dict[str, tasks_pb2.TaskTemplate]
     workflow: core_workflow_pb2.WorkflowTemplate
     defaults: dict[str, literals_pb2.Literal]
+    subworkflows: dict[str, core_workflow_pb2.WorkflowTemplate] = field(default_factory=dict)
 
 
 def python_value(literal: literals_pb2.Literal, kind: type):
@@ -98,7 +100,7 @@ def register(repo: Path, image: str, code_uri: str, out: Path) -> Package:
     subprocess.run([str(Path(sys.executable).parent / "pyflyte"), "--pkgs", "workflows", "package",
                     "--image", image, "--copy", "all", "--in-container-source-path", ".", "-o", str(pkg), "--force"],
                    cwd=repo, check=True, capture_output=True)
-    tasks, workflow, defaults = {}, None, {}
+    tasks, workflow, defaults, subworkflows = {}, None, {}, {}
     with tarfile.open(pkg) as tar:
         for member in tar.getmembers():
             blob = tar.extractfile(member).read()
@@ -113,6 +115,7 @@ def register(repo: Path, image: str, code_uri: str, out: Path) -> Package:
                 spec = workflow_pb2.WorkflowSpec()
                 spec.ParseFromString(blob)
                 workflow = spec.template
+                subworkflows = {sub.id.name: sub for sub in spec.sub_workflows}
             elif member.name.endswith("workflows.finetune.finetune_3.pb"):
                 plan = launch_plan_pb2.LaunchPlan()
                 plan.ParseFromString(blob)
@@ -120,7 +123,7 @@ def register(repo: Path, image: str, code_uri: str, out: Path) -> Package:
                             if p.HasField("default")}
     for template in tasks.values():
         _fill(template, {"remote_package_path": code_uri})
-    return Package(tasks, workflow, defaults)
+    return Package(tasks, workflow, defaults, subworkflows)
 
 
 def _fill(template: tasks_pb2.TaskTemplate, values: dict[str, str]) -> None:
@@ -203,16 +206,30 @@ class Cluster:
         """
         execution = execution_id or f"f{uuid.uuid4().hex[:12]}"
         results = self.results.setdefault(execution, {START: {**self.package.defaults, **inputs}})
-        pending = list(self.package.workflow.nodes)
+        return self._run_graph(execution, "", self.package.workflow, results, interrupt, task_env or {})
+
+    def _run_graph(self, execution, prefix, template, results, interrupt, task_env) -> dict:
+        """A workflow's nodes in dependency order (recorded in `results` by node id); its outputs."""
+        pending = list(template.nodes)
         while pending:
-            ready = [n for n in pending if all(u in results for u in n.upstream_node_ids)]
-            node = ready[0]
+            node = next(n for n in pending if all(u in results for u in _needs(n)))
             pending.remove(node)
-            template = self.package.tasks[node.task_node.reference_id.name]
-            node_inputs = {b.var: self._bound(b.binding, results) for b in node.inputs}
-            results[node.id] = self.run_node(execution, node.id, template, node_inputs, node.metadata,
-                                             interrupt=interrupt, task_env=task_env or {})
-        return {b.var: self._bound(b.binding, results) for b in self.package.workflow.outputs}
+            results[node.id] = self._run_any(execution, f"{prefix}{node.id}", node, results, interrupt, task_env)
+        return {b.var: self._bound(b.binding, results) for b in template.outputs}
+
+    def _run_any(self, execution, node_id, node, results, interrupt, task_env) -> dict:
+        """A task node in its pods; a branch as its chosen node; a sub-workflow as a graph of its own
+        (propeller names the nodes inside them after their parent: n1-n0-n0)."""
+        inputs = {b.var: self._bound(b.binding, results) for b in node.inputs}
+        if node.HasField("branch_node"):
+            chosen = _choose(node.branch_node.if_else, inputs)
+            return self._run_any(execution, f"{node_id}-{chosen.id}", chosen, results, interrupt, task_env)
+        if node.HasField("workflow_node"):
+            sub = self.package.subworkflows[node.workflow_node.sub_workflow_ref.name]
+            return self._run_graph(execution, f"{node_id}-", sub, {START: inputs}, interrupt, task_env)
+        template = self.package.tasks[node.task_node.reference_id.name]
+        return self.run_node(execution, node_id, template, inputs, node.metadata, interrupt=interrupt,
+                             task_env=task_env)
 
     @staticmethod
     def _bound(binding, results) -> literals_pb2.Literal:
@@ -351,3 +368,47 @@ class Cluster:
         status = "ok" if attempt.error is None else f"failed ({attempt.error.strip().splitlines()[-1][:160]})"
         self.log(f"  {node_id} attempt {number}: {attempt.seconds:.1f} s, {status}")
         return attempt
+
+
+def _needs(node) -> set[str]:
+    """The nodes whose outputs `node` reads, including those read inside its branches: flytekit leaves
+    a branch node's upstream_node_ids empty, propeller's compiler derives them from the bindings."""
+    needed = set(node.upstream_node_ids)
+    for binding in node.inputs:
+        if binding.binding.HasField("promise"):
+            needed.add(binding.binding.promise.node_id or START)
+    if node.HasField("branch_node"):
+        if_else = node.branch_node.if_else
+        for inner in [if_else.case.then_node, *(c.then_node for c in if_else.other), if_else.else_node]:
+            needed |= _needs(inner)
+    return needed
+
+
+def _value(operand, inputs: dict[str, literals_pb2.Literal]):
+    """A comparison operand as a comparable value: a primitive, or None for none (also inside a union)."""
+    if operand.HasField("var"):
+        scalar = inputs[operand.var].scalar
+        if scalar.HasField("union"):
+            scalar = scalar.union.value.scalar
+    else:
+        scalar = operand.scalar if operand.HasField("scalar") else literals_pb2.Scalar(primitive=operand.primitive)
+    if scalar.HasField("none_type"):
+        return None
+    primitive = scalar.primitive
+    return getattr(primitive, primitive.WhichOneof("value"))
+
+
+def _choose(if_else, inputs: dict[str, literals_pb2.Literal]):
+    """The node a branch runs: the first case whose comparison holds (EQ or NEQ), else the else node."""
+    operators = {conditions_pb2.ComparisonExpression.EQ: lambda a, b: a == b,
+                 conditions_pb2.ComparisonExpression.NEQ: lambda a, b: a != b}
+    for case in [if_else.case, *if_else.other]:
+        comparison = case.condition.comparison
+        if not case.condition.HasField("comparison") or comparison.operator not in operators:
+            raise NotImplementedError(f"branch condition {case.condition}")
+        left, right = _value(comparison.left_value, inputs), _value(comparison.right_value, inputs)
+        if operators[comparison.operator](left, right):
+            return case.then_node
+    if if_else.HasField("else_node"):
+        return if_else.else_node
+    raise RuntimeError(f"no branch matched: {if_else.error.message}")
