@@ -79,6 +79,12 @@ def locate(dataset_uri: str, test_uri: str | None = None, at: datetime = exports
     return located
 
 
+def lineage(located: dict[str, dict]) -> dict:
+    """What a run records about where its data came from: the URIs given, and the exports they resolved to."""
+    return {"sources": [source["uri"] for source in located.values()],
+            "exports": {role: source["export"].lineage() for role, source in located.items() if source["export"]}}
+
+
 def fingerprint(located: dict[str, dict]) -> str:
     """Changes when any located object changes (storage.fingerprint: one stat per file, no download)."""
     try:

@@ -53,6 +53,9 @@ class Resolved(NamedTuple):
     prepare_settings: PrepareSettings
     # The published run folder to warm-start from, or None.
     init_from: Optional[str]
+    # Where this run's data came from (sources, exports). Not read from prepared data: a cache hit may
+    # have been prepared from the same bytes under another URI.
+    lineage: dict
 
 
 # Tasks that may read or write s3:// carry the AWS web identity (tasks/pods.py).
@@ -71,16 +74,17 @@ def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str
     run_inputs.check_eval_uri(cfg)
     fingerprint = ""
     if prepared_uri:
-        run_inputs.check_prepared(prepared_uri, cfg)
+        meta = run_inputs.check_prepared(prepared_uri, cfg)
+        lineage = {"sources": meta["sources"], "exports": meta.get("exports") or {}}
     else:
         located = data.locate(dataset_uri, test_uri, kickoff_time)
         run_inputs.check_new_data(located, output_uri, cfg.model.name, retrain_anyway)
-        fingerprint = data.fingerprint(located)
+        fingerprint, lineage = data.fingerprint(located), data.lineage(located)
     init_uri = run_inputs.resolve_init_from(init_from, output_uri, cfg.model.name) if init_from else None
     settings = PrepareSettings(data=cfg.data, backbone=cfg.model.backbone,
                                tokenizer_sha256=tokenizer_fingerprint(cfg.model.backbone))
     return Resolved(cfg=cfg, output_uri=output_uri, resume_from=resolve_resume(cfg, from_checkpoint),
-                    dataset_fingerprint=fingerprint, prepare_settings=settings, init_from=init_uri)
+                    dataset_fingerprint=fingerprint, prepare_settings=settings, init_from=init_uri, lineage=lineage)
 
 
 @dataclass
@@ -133,9 +137,10 @@ class Published(NamedTuple):
 
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("publish"))
 def publish(model: FlyteDirectory, prepared: FlyteDirectory, metrics: dict, details: Optional[FlyteFile],
-            gate_decision: dict, cfg: FinetuneConfig, output_uri: str, init_from: Optional[str]) -> Published:
+            gate_decision: dict, cfg: FinetuneConfig, output_uri: str, init_from: Optional[str],
+            lineage: dict) -> Published:
     """Publish the version (the gate's decision in its manifest), then move production to it if the gate passed."""
-    meta = {**preparation.load_meta(Path(prepared.download())), "prepared_uri": prepared.remote_source}
+    meta = {**preparation.load_meta(Path(prepared.download())), **lineage, "prepared_uri": prepared.remote_source}
     extra = {metrics["details_file"]: Path(details.download())} if details is not None else None
     run_uri = artifacts.publish(Path(model.download()), output_uri, cfg.model.name, metrics=metrics,
                                 config=cfg.to_dict(), data_meta=meta, extra_files=extra, gate=gate_decision,

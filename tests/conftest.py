@@ -14,6 +14,9 @@ pytest_plugins = ["tests.servers"]
 # The backbone is an installed package; a test that reaches for a model hub must fail, not download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# flytekit's local cache lives in ~/.flyte and outlives a test session: a test that wants it turns it on
+# with a HOME of its own (tests/test_flyte_cache.py).
+os.environ["FLYTE_LOCAL_CACHE_ENABLED"] = "false"
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "flytetune" / "sample" / "transactions.parquet"

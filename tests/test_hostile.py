@@ -144,6 +144,17 @@ CASES = {
     "pyflyte missing dataset": Case("pyflyte", ["--dataset_uri", "no/such/file.csv"], "no/such/file.csv"),
     "pyflyte latest without checkpoints": Case("pyflyte", ["--from_checkpoint", "latest"],
                                                "--from_checkpoint latest: no complete checkpoint"),
+    "pyflyte prepared_uri not prepared": Case("pyflyte", lambda t, b: ["--prepared_uri", str(t)],
+                                              "prepared_uri: {tmp} is not prepared data (no meta.json"),
+    "pyflyte init_from without production": Case("pyflyte", ["--init_from", "production"],
+                                                 "init_from: no production version of txn-categoriser under"),
+    "pyflyte gate metric": Case("pyflyte", ["--overrides", "gate.metric=f1"],
+                                "gate.metric: must be one of accuracy, macro_f1"),
+    "train init_from unknown version": Case(
+        "train", ["--init_from", "20990101T000000Z-beef"],
+        "init_from: {tmp}/out/txn-categoriser/20990101T000000Z-beef: no manifest.json"),
+    "train gate eval file missing": Case("train", lambda t, b: ["--set", f"gate.eval_uri={t}/fixed.parquet"],
+                                         "gate.eval_uri: {tmp}/fixed.parquet: no such file"),
 }
 
 

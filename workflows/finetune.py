@@ -83,4 +83,5 @@ def finetune(
                             init_from=run.init_from)
     evaluated = evaluate(model=model, prepared=prepared, cfg=run.cfg, output_uri=run.output_uri)
     return publish(model=model, prepared=prepared, metrics=evaluated.metrics, details=evaluated.details,
-                   gate_decision=evaluated.gate, cfg=run.cfg, output_uri=run.output_uri, init_from=run.init_from)
+                   gate_decision=evaluated.gate, cfg=run.cfg, output_uri=run.output_uri, init_from=run.init_from,
+                   lineage=run.lineage)
