@@ -43,6 +43,23 @@ def test_every_task_asks_for_explicit_resources(package):
                 assert resources.get(side, {}).get(key), f"{name}: no {side}.{key}: the platform default would apply"
 
 
+def test_copy_and_prepare_are_cached_on_the_cluster_by_what_changes_their_output(package):
+    """What propeller's data catalog keys on: the task's cache version and its inputs (the copy's
+    output literal carries the dataset's SHA-256 as its hash, set at run time by HashMethod)."""
+    from tasks.steps import COPY_CACHE_VERSION, PREPARE_CACHE_VERSION
+
+    specs = task_specs(package)
+    cached = {name for name, spec in specs.items() if spec.template.metadata.discoverable}
+    assert cached == {"tasks.steps.copy_dataset", "tasks.steps.prepare"}
+    copy, prepare = specs["tasks.steps.copy_dataset"].template, specs["tasks.steps.prepare"].template
+    assert copy.metadata.discovery_version == COPY_CACHE_VERSION
+    assert prepare.metadata.discovery_version == PREPARE_CACHE_VERSION
+    # The weekly kickoff time changes every week, the data may not: not part of the copy's key.
+    assert list(copy.metadata.cache_ignore_input_vars) == ["kickoff_time"]
+    # prepare sees the data settings, not the whole config: epochs or learning rate do not invalidate it.
+    assert set(prepare.interface.inputs.variables) == {"dataset", "settings"}
+
+
 def test_tasks_without_torch_run_in_the_light_image(package):
     images = {name: primary_container(spec.template)["image"] for name, spec in task_specs(package).items()}
     assert {name for name, image in images.items() if image == LIGHT_IMAGE} == LIGHT
