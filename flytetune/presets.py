@@ -63,6 +63,11 @@ class Preset:
     processes_per_node: int = 1
     labels: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    # Estimated price of the whole node in USD per hour, for the cost guard's reminders (flytetune/watchdog.py)
+    # and nothing else: an estimate, with its source and date in the preset file. None: unknown.
+    hourly_usd: Optional[float] = None
+    # The cost guard posts one reminder about an execution of this preset running longer than this.
+    remind_after_hours: float = 4.0
 
     @property
     def gpus(self) -> int:
@@ -75,6 +80,11 @@ class Preset:
 
 def available() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_all(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
+    """Every preset in `folder`, by name, each checked as `load_preset` does."""
+    return {path.stem: load_preset(str(path)) for path in sorted(folder.glob("*.yaml"))}
 
 
 def load_preset(name: str) -> Preset:
@@ -156,6 +166,8 @@ def _validate(p: Preset) -> None:
         _check(p.processes_per_node <= p.gpus, "processes_per_node", f"must not exceed the {p.gpus} GPU(s) requested")
     _check(0 <= p.retries <= 10, "retries", "must be between 0 and 10")
     _check(p.timeout_hours > 0, "timeout_hours", "must be positive")
+    _check(p.hourly_usd is None or p.hourly_usd >= 0, "hourly_usd", "must be >= 0 (USD per hour of the node), or null")
+    _check(p.remind_after_hours > 0, "remind_after_hours", "must be positive")
     if p.shared_memory is not None:
         _check(bool(_QUANTITY.match(p.shared_memory)), "shared_memory",
                f"{p.shared_memory!r} is not a size (e.g. 16Gi)")

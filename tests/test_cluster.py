@@ -24,13 +24,14 @@ from tests.cluster.harness import cli_literal, python_value
 from tests.conftest import IMAGE, LIGHT_IMAGE, REPO, primary_container, task_specs
 
 LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare", "tasks.steps.prepared_data",
-         "tasks.steps.publish"}
+         "tasks.steps.publish", "workflows.watchdog.remind"}
 TASKS = {*LIGHT, "tasks.finetune.train_on_preset", "tasks.finetune.train", "tasks.finetune.train_distributed",
          "tasks.finetune.evaluate"}
 # Tasks that may read or write s3://: the dataset, --prepared_uri, --from_checkpoint, --init_from, checkpoints,
 # production's model for the gate, the published model and the registry.
 S3_TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepared_data", "tasks.steps.publish",
-            "tasks.finetune.train", "tasks.finetune.train_distributed", "tasks.finetune.evaluate"}
+            "tasks.finetune.train", "tasks.finetune.train_distributed", "tasks.finetune.evaluate",
+            "workflows.watchdog.remind"}
 
 
 def test_every_task_asks_for_explicit_resources(package):
@@ -72,8 +73,8 @@ def test_tasks_without_torch_run_in_the_light_image(package):
         "        if name.split('.')[0] == 'torch': raise ModuleNotFoundError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, NoTorch())\n"
         "from flytekit.core.python_auto_container import default_task_resolver\n"
-        f"for name in {sorted(n.rpartition('.')[2] for n in LIGHT)!r}:\n"
-        "    default_task_resolver.load_task(['task-module', 'tasks.steps', 'task-name', name])\n"
+        f"for module, _, name in {sorted(n.rpartition('.') for n in LIGHT)!r}:\n"
+        "    default_task_resolver.load_task(['task-module', module, 'task-name', name])\n"
         "assert 'torch' not in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -135,8 +136,10 @@ def test_launch_plans_keep_checkpoints_and_models_off_the_pod(package):
     # The workflow's default plan is what `pyflyte run --remote` with no arguments starts. The copy
     # and prepare sub-workflow gets a default plan too; it takes no config and publishes nothing.
     assert set(plans) == {"workflows.finetune.finetune", "finetune_weekly_a100", "finetune_debug_t4",
-                          "workflows.finetune.copy_and_prepare"}
-    del plans["workflows.finetune.copy_and_prepare"]
+                          "workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min"}
+    # The cost guard's plans train nothing (tests/test_watchdog.py).
+    for name in ("workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min"):
+        del plans[name]
     for name, spec in plans.items():
         inputs = {k: p.default for k, p in spec.default_inputs.parameters.items() if p.HasField("default")}
         inputs.update(spec.fixed_inputs.literals)

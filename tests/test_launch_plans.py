@@ -8,7 +8,7 @@ from flyteidl.core import execution_pb2, types_pb2
 from flytetune.exports import NO_CUTOFF
 from tests.cluster.harness import python_value
 from tests.test_cluster import launch_plans
-from workflows.launch_plans import RECIPIENTS
+from workflows.notifications import RECIPIENTS
 
 Phase = execution_pb2.WorkflowExecution.Phase
 TEAM_EMAIL, TEAM_SLACK = RECIPIENTS.values()
@@ -66,6 +66,7 @@ def test_default_inputs(package):
     assert plans["finetune_weekly_a100"].fixed_inputs.literals["preset"].scalar.primitive.string_value == "a100"
     # Started by hand (any plan, or the workflow's default plan), no cutoff: the newest complete export.
     for name, spec in plans.items():
-        if name != "workflows.finetune.copy_and_prepare":  # the sub-workflow's plan: kickoff_time is required there
+        # The sub-workflow's plan requires kickoff_time; the cost guard's plans (tests/test_watchdog.py) have none.
+        if name not in ("workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min"):
             assert python_value(defaults(spec)["kickoff_time"], datetime) == NO_CUTOFF, name
     assert python_value(defaults(plans["finetune_debug_t4"])["output_uri"], str) == "auto"

@@ -10,28 +10,14 @@ go to `auto` locations: object storage on the cluster, never the pod's disk (tes
 
 from pathlib import Path
 
-from flytekit import CronSchedule, Email, LaunchPlan, Slack
+from flytekit import CronSchedule, LaunchPlan
 from flytekit.models.core.execution import WorkflowExecutionPhase as Phase
 
 from flytetune.config import AUTO, load_config
 from workflows.finetune import finetune
+from workflows.notifications import PROBLEMS, notify
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-# Who hears when an execution of these plans ends: team addresses, never a person's. Flyte sends every
-# kind as an email through flyteadmin's notifications config (README, "Notifications"): Slack by a
-# channel's email address (channel details > Integrations > Send emails to this channel; the address
-# below is a placeholder to replace), PagerDuty (flytekit's `PagerDuty`) by a service's integration email.
-RECIPIENTS = {
-    Email: ["ml-alerts@example.com"],
-    Slack: ["flytetune-alerts-placeholder@example.slack.com"],
-}
-PROBLEMS = [Phase.FAILED, Phase.TIMED_OUT]
-
-
-def notify(phases: list[int]) -> list:
-    return [kind(phases=phases, recipients_email=addresses) for kind, addresses in RECIPIENTS.items()]
-
 
 # Every Monday 03:00 UTC: retrain on one preemptible A100 on the newest complete export dated at or
 # before the scheduled time (flytetune/exports.py), publish to S3. The scheduler fills `kickoff_time`.
