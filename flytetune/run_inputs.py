@@ -5,7 +5,6 @@ naming the option, long before a GPU is asked for.
 """
 
 import json
-from datetime import timezone
 from pathlib import Path
 
 from flytetune import artifacts, registry, storage
@@ -26,7 +25,8 @@ def check_new_data(located: dict[str, dict], output_uri: str, name: str, retrain
     trained_on = (artifacts.read_manifest(pointer["run_uri"])["data"].get("exports") or {}).get("dataset")
     if not trained_on:
         return  # production was trained on a fixed file: nothing to compare dates with
-    if export.date.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") <= trained_on["date"]:
+    # Both in the lineage's one UTC format (flytetune/exports.py), so the strings compare as dates.
+    if export.lineage()["date"] <= trained_on["date"]:
         raise DataError(f"{located['dataset']['uri']}: no export newer than production {pointer['version']}'s "
                         f"({trained_on['uri']}); the newest usable one is {export.uri}; set retrain_anyway "
                         "to train on it anyway")
