@@ -25,6 +25,7 @@ import random
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,12 @@ class TrainingProgress:
     epoch_batches: int = 0
     best_val_accuracy: float | None = None
     history: list[dict] = field(default_factory=list)
+    # The metrics stream and the timeline travel with the checkpoint, so a resumed run reports the
+    # whole run, attempt by attempt (flytetune.train.TrainResult.steps and .events).
+    steps: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    # Seconds spent training, summed over attempts (not counting the time between them).
+    elapsed_s: float = 0.0
 
 
 @dataclass
@@ -143,11 +150,15 @@ def write_files(snapshot: Snapshot, folder: Path) -> dict:
 
 
 class CheckpointWriter:
-    """Saves snapshots to `uri` (a run-scoped prefix) in one background thread, keeping the newest `keep`."""
+    """Saves snapshots to `uri` (a run-scoped prefix) in one background thread, keeping the newest `keep`.
 
-    def __init__(self, uri: str, keep: int = 2):
+    `on_saved(step, uri, seconds)`, if given, is called in that thread once a save is complete.
+    """
+
+    def __init__(self, uri: str, keep: int = 2, on_saved: Callable[[int, str, float], None] | None = None):
         self.uri = uri.rstrip("/")
         self.keep = keep
+        self._on_saved = on_saved
         self._staging = scratch.make("ckpt")
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: concurrent.futures.Future | None = None
@@ -192,6 +203,8 @@ class CheckpointWriter:
         self.last_uri, self.last_step = remote, snapshot.step
         self.last_save_s = time.monotonic() - queued_at
         log.info("checkpoint %s saved in %.1fs", remote, self.last_save_s)
+        if self._on_saved is not None:
+            self._on_saved(snapshot.step, remote, self.last_save_s)
         self._prune()
 
     def _prune(self) -> None:

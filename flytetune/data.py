@@ -192,10 +192,13 @@ def _check_utf8(path: Path, name: str) -> None:
         ) from None
 
 
-def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: int | None = None) -> pl.DataFrame:
+def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: int | None = None,
+             report: dict | None = None) -> pl.DataFrame:
     """Check columns and values; return a frame with `text`, `label` (str) and the source row number.
 
     Exact duplicate rows are dropped with a warning; everything else that is wrong is an error.
+    `report`, if given, receives what the warnings say, for the dataset profile: `duplicates_dropped`,
+    `conflicting_label_rows` (counts) and `warnings` (the logged messages).
     """
     min_per_class = cfg.min_examples_per_class if min_per_class is None else min_per_class
     for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
@@ -226,20 +229,21 @@ def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: i
             f"e.g. row(s) {_rows(bad_label)}"
         )
 
+    warnings = []
     duplicated = df.filter(pl.struct(TEXT, LABEL).is_duplicated())
+    dropped = duplicated.height - duplicated.select(TEXT, LABEL).n_unique() if duplicated.height else 0
     if duplicated.height:
         df = df.unique(subset=[TEXT, LABEL], keep="first", maintain_order=True)
-        log.warning(
-            "%s: dropped %d exact duplicate row(s) of (%s, %s), e.g. row(s) %s",
-            source, duplicated.height - duplicated.select(TEXT, LABEL).n_unique(),
-            cfg.text_column, cfg.label_column, _rows(duplicated),
-        )
+        warnings.append(f"{source}: dropped {dropped} exact duplicate row(s) of ({cfg.text_column}, "
+                        f"{cfg.label_column}), e.g. row(s) {_rows(duplicated)}")
     conflicting = df.filter(pl.col(LABEL).n_unique().over(TEXT) > 1)
     if conflicting.height:
-        log.warning(
-            "%s: %d row(s) share a text with a different label (ambiguous or mislabelled), e.g. row(s) %s",
-            source, conflicting.height, _rows(conflicting),
-        )
+        warnings.append(f"{source}: {conflicting.height} row(s) share a text with a different label (ambiguous or "
+                        f"mislabelled), e.g. row(s) {_rows(conflicting)}")
+    for message in warnings:
+        log.warning("%s", message)
+    if report is not None:
+        report.update(duplicates_dropped=dropped, conflicting_label_rows=conflicting.height, warnings=warnings)
 
     counts = df.group_by(LABEL).len().filter(pl.col("len") < min_per_class).sort(LABEL)
     if counts.height:

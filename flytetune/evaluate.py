@@ -2,8 +2,10 @@
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import polars as pl
 import torch
 
 from flytetune.batches import collate
@@ -123,12 +125,17 @@ def write_details(path: Path, y_true: np.ndarray, y_pred: np.ndarray, labels: li
     return Path(path)
 
 
-def evaluate(model_dir: Path, prepared_dir: Path, split: str = "test", batch_size: int = 128) -> dict:
-    """Load the trained model from `model_dir` and score it on a prepared split.
+class Predictions(NamedTuple):
+    """A model's logits on a prepared split, in the split's store order."""
 
-    Above FULL_METRICS_MAX_CLASSES classes the full per-class table and confusion matrix are written
-    to `model_dir/confusion_matrix.npz` (named by the metrics' `details_file`), not returned.
-    """
+    split: str
+    labels: list[str]  # class names by index
+    y_true: np.ndarray  # int64, [n]
+    logits: np.ndarray  # float32, [n, len(labels)]
+
+
+def predict(model_dir: Path, prepared_dir: Path, split: str = "test", batch_size: int = 128) -> Predictions:
+    """Load the trained model from `model_dir` and predict every example of a prepared split."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
@@ -136,11 +143,71 @@ def evaluate(model_dir: Path, prepared_dir: Path, split: str = "test", batch_siz
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     store = FeatureStore(Path(prepared_dir) / split)
     logits = predict_logits(model, store, batch_size, tokenizer.pad_token_id)
-    y_true, y_pred = store.labels(), logits.argmax(axis=1)
+    return Predictions(split=split, labels=labels, y_true=store.labels(), logits=logits)
+
+
+def score(predictions: Predictions, model_dir: Path) -> dict:
+    """The metrics of `evaluate` from predictions (the details file, if any, is written to `model_dir`)."""
+    y_true, y_pred, labels = predictions.y_true, predictions.logits.argmax(axis=1), predictions.labels
     metrics = classification_metrics(y_true, y_pred, labels)
-    metrics["split"] = split
+    metrics["split"] = predictions.split
     if "confusion_matrix" not in metrics:
         metrics["details_file"] = write_details(Path(model_dir) / DETAILS_FILE, y_true, y_pred, labels).name
     log.info("%s: accuracy %.4f, macro-F1 %.4f on %d examples",
-             split, metrics["accuracy"], metrics["macro_f1"], metrics["n_examples"])
+             predictions.split, metrics["accuracy"], metrics["macro_f1"], metrics["n_examples"])
     return metrics
+
+
+def evaluate(model_dir: Path, prepared_dir: Path, split: str = "test", batch_size: int = 128) -> dict:
+    """Load the trained model from `model_dir` and score it on a prepared split.
+
+    Above FULL_METRICS_MAX_CLASSES classes the full per-class table and confusion matrix are written
+    to `model_dir/confusion_matrix.npz` (named by the metrics' `details_file`), not returned.
+    """
+    return score(predict(model_dir, prepared_dir, split, batch_size), model_dir)
+
+
+def worst_examples(predictions: Predictions, prepared_dir: Path, n: int = 20) -> list[dict]:
+    """The `n` misclassified test rows the model was surest of, surest first: {"row" (0-based, in the
+    test split), "text", "label", "predicted", "confidence" (probability of the prediction),
+    "label_probability"}.
+
+    Texts come from the prepared `test_texts.parquet`, written in the test store's order. That is
+    checked, so that a folder out of step fails here instead of showing texts next to another row's
+    prediction: all labels against the store's, and the tokens of each row returned against its stored tokens.
+    """
+    from transformers import AutoTokenizer
+
+    from flytetune.data import LABEL, TEXT  # data and prepare import storage (boto3): only when asked
+    from flytetune.prepare import TEST_TEXTS, load_meta
+
+    if predictions.split != "test":
+        raise ValueError(f"worst_examples: texts are kept for the test split only, not {predictions.split!r}")
+    prepared_dir = Path(prepared_dir)
+    path = prepared_dir / TEST_TEXTS
+    table = pl.read_parquet(path)
+    truth = [predictions.labels[i] for i in predictions.y_true]
+    if table.get_column(LABEL).to_list() != truth:
+        raise ValueError(f"{path}: labels differ from the test store's ({table.height} rows, store "
+                         f"{len(truth)}); the prepared folder is inconsistent, prepare it again")
+    logits = predictions.logits.astype(np.float64)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities[np.arange(len(predicted)), predicted]
+    wrong = np.flatnonzero(predicted != predictions.y_true)
+    # Surest first; ties by row so that the list does not depend on sort stability.
+    chosen = [int(i) for i in wrong[np.lexsort((wrong, -confidence[wrong]))][:n]]
+    texts = [table.get_column(TEXT)[i] for i in chosen]
+    if chosen:
+        tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer", local_files_only=True)
+        encoded = tokenizer(texts, truncation=True, max_length=load_meta(prepared_dir)["max_length"])["input_ids"]
+        store = FeatureStore(prepared_dir / predictions.split)
+        for i, ids in zip(chosen, encoded, strict=True):
+            if list(ids) != store[i]["input_ids"].tolist():
+                raise ValueError(f"{path}: row {i} is not the test store's example {i} (other tokens); the prepared "
+                                 "folder is inconsistent, prepare it again")
+    return [{"row": i, "text": text, "label": truth[i], "predicted": predictions.labels[predicted[i]],
+             "confidence": round(float(confidence[i]), 4),
+             "label_probability": round(float(probabilities[i, predictions.y_true[i]]), 4)}
+            for i, text in zip(chosen, texts, strict=True)]

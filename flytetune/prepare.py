@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from flytetune.backbone import resolve_backbone
@@ -48,7 +49,9 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
         # Checked here, not in the config: only this step knows whether a test file was given.
         raise ConfigError("data.test_fraction: is 0 but no test file was given; set it above 0 or give test_uri")
     dataset_path, dataset_name = raw_dir / sources["dataset"]["file"], sources["dataset"]["uri"]
-    frame = validate(read_table(dataset_path, dataset_name), dataset_name, data_cfg)
+    checks = {"dataset": {}}
+    frame = validate(read_table(dataset_path, dataset_name), dataset_name, data_cfg, report=checks["dataset"])
+    valid_rows = frame.height
     frame = subsample(frame, data_cfg, dataset_name)
     require_classes(frame, dataset_name, data_cfg)
     labels = sorted(frame.get_column(LABEL).unique().to_list())
@@ -56,7 +59,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
     if "test" in sources:
         test_path, test_name = raw_dir / sources["test"]["file"], sources["test"]["uri"]
         # A held-out test file may legitimately hold few examples of a class.
-        test = validate(read_table(test_path, test_name), test_name, data_cfg, min_per_class=1)
+        checks["test"] = {}
+        test = validate(read_table(test_path, test_name), test_name, data_cfg, min_per_class=1, report=checks["test"])
         unknown = sorted(set(test.get_column(LABEL).unique().to_list()) - set(labels))
         if unknown:
             raise DataError(
@@ -64,7 +68,9 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
                 f"{dataset_name}: {', '.join(map(repr, unknown[:5]))}"
             )
         train, validation = stratified_split(frame, [data_cfg.validation_fraction], data_cfg.split_seed)
-        _warn_overlap(train, test, test_name)
+        overlap = _warn_overlap(train, test, test_name)
+        if overlap:
+            checks["test"]["warnings"].append(overlap)
     else:
         train, validation, test = stratified_split(
             frame, [data_cfg.validation_fraction, data_cfg.test_fraction], data_cfg.split_seed
@@ -84,11 +90,12 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
     label2id = {label: i for i, label in enumerate(labels)}
-    rows, truncated = {}, {}
+    rows, truncated, lengths = {}, {}, {}
     for name, split in splits.items():
         texts = split.get_column(TEXT).to_list()
         encoded = tokenizer(texts, truncation=True, max_length=data_cfg.max_length)["input_ids"]
         truncated[name] = sum(len(ids) >= data_cfg.max_length for ids in encoded)
+        lengths[name] = np.array([len(ids) for ids in encoded], dtype=np.int64)
         ids = [label2id[label] for label in split.get_column(LABEL).to_list()]
         rows[name] = write_store(out_dir / name, zip(encoded, ids, strict=True))
     # Raw texts of the test split: the gate scores production's model on them with its own tokenizer.
@@ -110,6 +117,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
         "exports": {role: source["export"] for role, source in sources.items() if "export" in source},
         "dataset_sha256": file_sha256(*(raw_dir / source["file"] for source in sources.values())),
         "test_source": "test_uri" if "test" in sources else "split",
+        # What the Dataset profile Deck shows; not read by training.
+        "profile": _profile(lengths, data_cfg.max_length, checks, valid_rows, frame.height),
     }
     _write_json_atomic(out_dir / META, meta)
     log.info("prepared %s: %s rows, %d classes", out_dir, rows, len(labels))
@@ -127,11 +136,39 @@ def _class_counts(split: pl.DataFrame) -> dict[str, int]:
     return dict(sorted(split.group_by(LABEL).len().iter_rows()))
 
 
-def _warn_overlap(train: pl.DataFrame, test: pl.DataFrame, source: str) -> None:
+def _warn_overlap(train: pl.DataFrame, test: pl.DataFrame, source: str) -> str | None:
+    """The warning logged when test texts also appear in the training data, or None."""
     overlap = test.join(train.select(TEXT), on=TEXT, how="semi").height
-    if overlap:
-        log.warning("%s: %d test text(s) also appear in the training data; test metrics are optimistic",
-                    source, overlap)
+    if not overlap:
+        return None
+    message = f"{source}: {overlap} test text(s) also appear in the training data; test metrics are optimistic"
+    log.warning("%s", message)
+    return message
+
+
+# Bins of the token length histogram: about this many, each a whole number of tokens wide.
+LENGTH_BINS = 32
+
+
+def _profile(lengths: dict[str, np.ndarray], max_length: int, checks: dict[str, dict], valid_rows: int,
+             kept_rows: int) -> dict:
+    """Token lengths (a histogram over all splits, and quantiles per split), what validation dropped or
+    warned about, and the subsample. Lengths are of the stored, truncated tokens: the last bin holds
+    exactly `max_length`, i.e. the rows that were cut (or fit exactly)."""
+    width = max(1, -(-max_length // LENGTH_BINS))
+    edges = [*range(0, max_length, width), max_length, max_length + 1]
+    counts, _ = np.histogram(np.concatenate(list(lengths.values())), bins=edges)
+    return {
+        "token_length_histogram": {"edges": edges, "counts": counts.tolist()},
+        "token_length": {name: {"mean": round(float(v.mean()), 2), "p50": int(np.percentile(v, 50)),
+                                "p95": int(np.percentile(v, 95)), "max": int(v.max())}
+                         for name, v in lengths.items()},
+        "duplicates_dropped": {role: c["duplicates_dropped"] for role, c in checks.items()},
+        "conflicting_label_rows": {role: c["conflicting_label_rows"] for role, c in checks.items()},
+        "warnings": [message for c in checks.values() for message in c["warnings"]],
+        # data.max_rows: rows kept of the valid rows of the dataset file (the test file is never subsampled).
+        "subsampled": {"valid_rows": valid_rows, "kept": kept_rows} if kept_rows < valid_rows else None,
+    }
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:

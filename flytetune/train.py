@@ -7,12 +7,14 @@ is the same pipeline the Flyte workflow runs, without Flyte:
     python -m flytetune.train --config configs/local.yaml [--dataset_uri URI] [--set train.epochs=1]
 """
 
+import datetime as dt
 import json
 import logging
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +30,7 @@ from flytetune.config import ConfigError, FinetuneConfig
 from flytetune.evaluate import classification_metrics, predict_logits
 from flytetune.preemption import GracefulStop, Preempted
 from flytetune.prepare import load_meta
+from flytetune.progress import Progress, count
 from flytetune.storage import StorageError
 from flytetune.store import FeatureStore
 
@@ -41,6 +44,109 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
     initialised_from: str | None = None
+    # The metrics stream, one record every `train.log_every_steps` steps and at the last step:
+    # step, epoch, loss (mean over the steps since the previous record), lr, samples_per_s and
+    # tokens_per_s (non-pad tokens) over those steps, elapsed_s (training seconds summed over
+    # attempts); on CUDA also gpu_max_mem_gib and, where NVML answers, gpu_util_pct.
+    steps: list[dict] = field(default_factory=list)
+    # The timeline, each with "event", "step" and "time" (UTC, ISO 8601): start (total_steps), resume
+    # (checkpoint), checkpoint (uri, seconds), preempted (signal), end.
+    events: list[dict] = field(default_factory=list)
+    total_steps: int = 0
+
+
+def _event(kind: str, step: int, **fields) -> dict:
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"event": kind, "step": step, "time": now, **fields}
+
+
+class StepMetrics:
+    """Loss and throughput over the steps since the last record; GPU memory and utilisation.
+
+    Throughput is this process's samples and non-pad tokens (attention mask sums of the batches on
+    the host, so no device synchronisation) times the world size: exact for samples, an estimate
+    for tokens under torchrun.
+    """
+
+    def __init__(self, device: torch.device, world_size: int, elapsed_before_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.device, self.world_size, self.clock = device, world_size, clock
+        self.started = self._window_start = clock()
+        self.elapsed_before_s = elapsed_before_s
+        self._steps = self._samples = self._tokens = 0
+        self._loss_sum = 0.0
+        self._ask_utilisation = device.type == "cuda"
+
+    def add(self, batch: dict, loss: float) -> None:
+        self._steps += 1
+        self._samples += len(batch["labels"])
+        self._tokens += int(batch["attention_mask"].sum())
+        self._loss_sum += loss
+
+    def skip(self, seconds: float) -> None:
+        """Leave `seconds` (validation) out of the current window's rates."""
+        self._window_start += seconds
+
+    def elapsed_s(self) -> float:
+        return self.elapsed_before_s + self.clock() - self.started
+
+    def record(self, step: int, epoch: int, lr: float) -> dict:
+        now = self.clock()
+        window_s = max(now - self._window_start, 1e-9)
+        record = {"step": step, "epoch": epoch, "loss": round(self._loss_sum / max(self._steps, 1), 6), "lr": lr,
+                  "samples_per_s": round(self._samples * self.world_size / window_s, 2),
+                  "tokens_per_s": round(self._tokens * self.world_size / window_s, 1),
+                  "elapsed_s": round(self.elapsed_before_s + now - self.started, 2), **self._gpu()}
+        self._window_start, self._steps, self._samples, self._tokens, self._loss_sum = now, 0, 0, 0, 0.0
+        return record
+
+    def _gpu(self) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        # The caching allocator's counter: a host-side read, no synchronisation.
+        out = {"gpu_max_mem_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+        if self._ask_utilisation:
+            try:
+                out["gpu_util_pct"] = int(torch.cuda.utilization(self.device))
+            except Exception:  # noqa: BLE001 - no pynvml, no driver access: leave it out from now on
+                self._ask_utilisation = False
+        return out
+
+
+def describe(record: dict) -> str:
+    """A metrics record as the tail of the progress line."""
+    text = (f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, {count(record['samples_per_s'])} samples/s, "
+            f"{count(record['tokens_per_s'])} tokens/s")
+    if "gpu_max_mem_gib" in record:
+        text += f", GPU mem {record['gpu_max_mem_gib']:.1f} GiB"
+    if "gpu_util_pct" in record:
+        text += f", GPU {record['gpu_util_pct']}%"
+    return text
+
+
+class Updates:
+    """Calls `callback` with a snapshot of the result at most every `every_s` seconds (`due`) and when
+    told (`now`). A failing callback is logged (the traceback once) and training goes on."""
+
+    def __init__(self, callback: Callable[[TrainResult], None] | None, snapshot: Callable[[], TrainResult],
+                 every_s: float, clock: Callable[[], float] = time.monotonic):
+        self.callback, self.snapshot, self.every_s, self.clock = callback, snapshot, every_s, clock
+        self._last = clock()
+        self._failed = False
+
+    def due(self) -> None:
+        if self.callback is not None and self.clock() - self._last >= self.every_s:
+            self.now()
+
+    def now(self) -> None:
+        if self.callback is None:
+            return
+        self._last = self.clock()
+        try:
+            self.callback(self.snapshot())
+        except Exception as e:  # noqa: BLE001 - a live report must never stop training
+            log.warning("on_update failed, training goes on: %s: %s", type(e).__name__, e, exc_info=not self._failed)
+            self._failed = True
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -134,8 +240,17 @@ def compat_fields(cfg: FinetuneConfig, meta: dict) -> dict:
 
 
 def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint_dir: str | None = None,
-        resume_from: str | None = None, init_from: Path | None = None) -> TrainResult:
+        resume_from: str | None = None, init_from: Path | None = None,
+        on_update: Callable[[TrainResult], None] | None = None, update_every_minutes: float = 5.0) -> TrainResult:
     """Train on `prepared_dir` and write the model folder to `output_dir`.
+
+    Progress (steps, steps/s, ETA, loss, learning rate, samples/s, tokens/s) is a live line on a
+    terminal; in logs it is a line every `train.log_every_steps` steps (and one every
+    progress.LOG_INTERVAL_S seconds where those are further apart), then a summary. The result
+    carries the metrics stream and the timeline (`TrainResult.steps`, `.events`), also while the
+    run goes: `on_update`, if given, gets a snapshot of the result on rank 0 every
+    `update_every_minutes` minutes of wall time, at each epoch end and when preempted; its errors
+    are logged, never raised.
 
     `init_from` (a local folder of a published model) replaces the backbone's weights as the
     starting point (warm start); its tokenizer must have the vocabulary the data was prepared with
@@ -193,21 +308,43 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         progress = checkpoint.restore_into(restored, model, optimizer, scheduler)
         log.info("resuming from checkpoint %s at step %d (epoch %d, batch %d)",
                  source, progress.global_step, progress.epoch, progress.batch_in_epoch)
+        progress.events.append(_event("resume", progress.global_step, checkpoint=source))
+    else:
+        progress.events.append(_event("start", 0, total_steps=total_steps))
     log.info("training %s on %s: %d examples, %d steps (%d per epoch), device %s",
              cfg.model.backbone, prepared_dir, len(train_store), total_steps, steps_per_epoch, device)
 
-    writer = checkpoint.CheckpointWriter(checkpoint_dir, keep=ccfg.keep) if checkpoint_dir and world.is_main else None
+    def saved(step: int, uri: str, seconds: float) -> None:  # in the writer's thread
+        progress.events.append(_event("checkpoint", step, uri=uri, seconds=round(seconds, 2)))
+
+    writer = (checkpoint.CheckpointWriter(checkpoint_dir, keep=ccfg.keep, on_saved=saved)
+              if checkpoint_dir and world.is_main else None)
     train_model = distributed.wrap(model, world)
     extra = {"compat": compat_fields(cfg, meta), "config": cfg.to_dict(), "code_version": code_version()}
+    metrics = StepMetrics(device, world.size, progress.elapsed_s)
 
     def snapshot() -> checkpoint.Snapshot:
+        if writer:
+            # The save waits for the previous one anyway; waiting first puts its event in this checkpoint.
+            writer.wait()
+        progress.elapsed_s = metrics.elapsed_s()
         return checkpoint.capture(model, optimizer, scheduler, None, progress, extra)
 
+    def result() -> TrainResult:
+        return TrainResult(global_step=progress.global_step, epochs_completed=len(progress.history),
+                           history=list(progress.history), resumed_from=source,
+                           initialised_from=str(init_from) if init_from else None,
+                           steps=list(progress.steps), events=list(progress.events), total_steps=total_steps)
+
+    updates = Updates(on_update if world.is_main else None, result, update_every_minutes * 60)
+    reporter = Progress(f"epoch {progress.epoch}", total_steps, unit="steps", count_format="step {done}/{total}",
+                        done=progress.global_step, logger=log, show=world.is_main)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     last_save = time.monotonic()
     try:
         with GracefulStop() as stop:
             while progress.global_step < total_steps:
+                reporter.label = f"epoch {progress.epoch}"
                 sampler = EpochBatchSampler(len(train_store), tcfg.batch_size, progress.sampler_seed,
                                             progress.epoch, start_batch=progress.batch_in_epoch,
                                             rank=world.rank, world_size=world.size)
@@ -225,18 +362,29 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                     progress.batch_in_epoch += 1
                     progress.epoch_loss_sum += loss
                     progress.epoch_batches += 1
-                    if progress.global_step % tcfg.log_every_steps == 0:
-                        log.info("epoch %d step %d/%d loss %.4f lr %.2e", progress.epoch, progress.global_step,
-                                 total_steps, progress.epoch_loss_sum / progress.epoch_batches,
-                                 scheduler.get_last_lr()[0])
+                    metrics.add(batch, loss)
+                    # A record is also a progress line in logs (`epoch 0 step 40/264 (15%), ...`).
+                    record_due = (progress.global_step % tcfg.log_every_steps == 0
+                                  or progress.global_step >= total_steps)
+                    if record_due:
+                        step_record = metrics.record(progress.global_step, progress.epoch, scheduler.get_last_lr()[0])
+                        progress.steps.append(step_record)
+                        reporter.detail = describe(step_record)
+                    reporter.advance(report=record_due)
+                    updates.due()
                     if distributed.any_rank(world, stop.requested):
-                        raise stop_gracefully(writer, snapshot, progress.global_step, ccfg.sigterm_budget_s)
+                        progress.events.append(_event("preempted", progress.global_step, signal="SIGTERM"))
+                        preempted = stop_gracefully(writer, snapshot, progress.global_step, ccfg.sigterm_budget_s)
+                        updates.now()  # after the save: the checkpoint comes first within the grace period
+                        raise preempted
                     if progress.global_step >= total_steps:
                         break
                     if writer and _save_due(ccfg, progress.global_step, time.monotonic() - last_save):
                         writer.save(snapshot())
                         last_save = time.monotonic()
+                validation_started = time.monotonic()
                 val = validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, meta["labels"])
+                metrics.skip(time.monotonic() - validation_started)
                 record = {"epoch": progress.epoch, "step": progress.global_step,
                           "train_loss": progress.epoch_loss_sum / max(progress.epoch_batches, 1),
                           "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -244,26 +392,29 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 progress.history.append(record)
                 if progress.best_val_accuracy is None or val["accuracy"] > progress.best_val_accuracy:
                     progress.best_val_accuracy = val["accuracy"]
+                reporter.clear()
                 log.info("epoch %d done: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f",
                          progress.epoch, record["train_loss"], val["loss"], val["accuracy"], val["macro_f1"])
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
                 progress.epoch_loss_sum, progress.epoch_batches = 0.0, 0
+                updates.now()
         if writer:
             # The end state too: a finished run can be continued by hand with more steps.
             if writer.last_step != progress.global_step:
                 writer.save(snapshot())
             writer.wait()
+        progress.elapsed_s = metrics.elapsed_s()
+        progress.events.append(_event("end", progress.global_step))
     finally:
+        reporter.close()
         if writer:
             writer.close()
 
-    result = TrainResult(global_step=progress.global_step, epochs_completed=len(progress.history),
-                         history=progress.history, resumed_from=source,
-                         initialised_from=str(init_from) if init_from else None)
+    trained = result()
     if world.is_main:
-        save_model(model, tokenizer, output_dir, cfg, result)
-    return result
+        save_model(model, tokenizer, output_dir, cfg, trained)
+    return trained
 
 
 def choose_start(checkpoint_dir: str | None, resume_from: str | None
@@ -349,7 +500,8 @@ def save_model(model, tokenizer, output_dir: Path, cfg: FinetuneConfig, result: 
     (output_dir / "label_map.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n")
     (output_dir / "finetune_config.yaml").write_text(cfg.to_yaml())
     history = {"global_step": result.global_step, "epochs_completed": result.epochs_completed,
-               "history": result.history, "init_from": result.initialised_from}
+               "history": result.history, "init_from": result.initialised_from,
+               "steps": result.steps, "events": result.events}
     (output_dir / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")
 
 

@@ -122,8 +122,9 @@ class Evaluated(NamedTuple):
 def evaluate(model: FlyteDirectory, prepared: FlyteDirectory, cfg: FinetuneConfig, output_uri: str) -> Evaluated:
     """Test metrics of the new model, and the gate: the new model against production on the same rows."""
     model_dir, prepared_dir = Path(model.download()), Path(prepared.download())
-    metrics = evaluation.evaluate(model_dir, prepared_dir, batch_size=cfg.train.eval_batch_size)
-    Deck("Test metrics", decks.test_metrics(metrics))
+    predictions = evaluation.predict(model_dir, prepared_dir, batch_size=cfg.train.eval_batch_size)
+    metrics = evaluation.score(predictions, model_dir)
+    Deck("Test metrics", decks.test_metrics(metrics, evaluation.worst_examples(predictions, prepared_dir)))
     decision = gate.run(model_dir, prepared_dir, cfg, output_uri, workdir("gate"))
     Deck("Gate", decks.gate(decision))
     details = metrics.get("details_file")

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NamedTuple, Optional
 
-from flytekit import HashMethod, task
+from flytekit import Deck, HashMethod, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
@@ -21,6 +21,7 @@ from flytetune.checkpoint_paths import resolve_resume
 from flytetune.config import DataConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
 from flytetune.presets import load_preset
 from flytetune.storage.checksums import file_sha256
+from tasks import decks
 from tasks.context import durable_root, execution_prefix, workdir
 from tasks.pods import LIGHT_IMAGE, pod_template, step
 
@@ -113,11 +114,15 @@ def copy_dataset(dataset_uri: str, test_uri: Optional[str], kickoff_time: dateti
 
 # Keyed by the dataset's content (its HashMethod) and the data settings, not the whole config: a
 # change of epochs or learning rate reuses the prepared data, a change of max_length does not.
-@task(container_image=LIGHT_IMAGE, cache=True, cache_version=PREPARE_CACHE_VERSION, **step("prepare"))
+# A cache hit runs nothing, so it shows no Deck: the execution that prepared the data has it.
+@task(container_image=LIGHT_IMAGE, cache=True, cache_version=PREPARE_CACHE_VERSION, enable_deck=True,
+      **step("prepare"))
 def prepare(dataset: Dataset, settings: PrepareSettings) -> FlyteDirectory:
     raw, out = workdir("raw"), workdir("prepared")
     storage.sync(dataset.uri, str(raw))
-    preparation.prepare(raw, out, FinetuneConfig(data=settings.data, model=ModelConfig(backbone=settings.backbone)))
+    meta = preparation.prepare(raw, out, FinetuneConfig(data=settings.data,
+                                                        model=ModelConfig(backbone=settings.backbone)))
+    Deck("Dataset profile", decks.dataset_profile(meta))
     return FlyteDirectory(str(out))
 
 

@@ -7,15 +7,15 @@ there with the same size and digest, so it resumes where it stopped.
 """
 
 import concurrent.futures
+import contextlib
 import logging
 import os
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from flytetune import scratch
+from flytetune.progress import Progress
 from flytetune.storage.checksums import Digest, file_digest
 from flytetune.storage.gcs import GCSBackend
 from flytetune.storage.local import LocalBackend, temp_beside
@@ -55,13 +55,45 @@ def _matches(digest: Digest, recorded: ObjectInfo) -> bool:
     return True  # nothing recorded but the size (e.g. multipart objects written by other tools)
 
 
-def _transfer_once(src: Location, info: ObjectInfo, dst: Location) -> int:
+class _InFlight:
+    """Local files that transfers are writing now: their sizes are the bytes done within large objects.
+
+    Read only when a progress line is written (one stat per object in flight). Uploads are not seen
+    (the SDKs read the file themselves): an upload counts when it completes.
+    """
+
+    def __init__(self):
+        self._paths: set[Path] = set()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def watch(self, path: Path):
+        with self._lock:
+            self._paths.add(path)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paths.discard(path)
+
+    def bytes(self) -> int:
+        with self._lock:
+            paths = list(self._paths)
+        total = 0
+        for path in paths:
+            with contextlib.suppress(OSError):  # not created yet, or already renamed into place
+                total += path.stat().st_size
+        return total
+
+
+def _transfer_once(src: Location, info: ObjectInfo, dst: Location, in_flight: _InFlight) -> int:
     source = backend(src)
     if dst.scheme == "file":
         target = Path(dst.key)
         tmp = temp_beside(target)
         try:
-            digest, recorded = source.get(src, tmp, info)
+            with in_flight.watch(tmp):
+                digest, recorded = source.get(src, tmp, info)
             if not _matches(digest, recorded):
                 raise _Mismatch
             os.replace(tmp, target)
@@ -78,7 +110,8 @@ def _transfer_once(src: Location, info: ObjectInfo, dst: Location) -> int:
     # Between clouds the object is staged in a temporary file (not kept): each SDK verifies its own side.
     with scratch.folder("xfer") as tmpdir:
         tmp = Path(tmpdir) / "object"
-        digest, recorded = source.get(src, tmp, info)
+        with in_flight.watch(tmp):
+            digest, recorded = source.get(src, tmp, info)
         if not _matches(digest, recorded):
             raise _Mismatch
         if digest.crc32c is None:
@@ -87,11 +120,12 @@ def _transfer_once(src: Location, info: ObjectInfo, dst: Location) -> int:
         return digest.size
 
 
-def transfer(src: Location, info: ObjectInfo, dst: Location) -> int:
-    """Copy one object, retrying a checksum mismatch; returns the bytes copied."""
+def transfer(src: Location, info: ObjectInfo, dst: Location, in_flight: _InFlight | None = None) -> int:
+    """Copy one object, retrying a checksum mismatch; returns the bytes copied. Downloads are
+    registered in `in_flight` while they are written, for progress within the object."""
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return _transfer_once(src, info, dst)
+            return _transfer_once(src, info, dst, in_flight or _InFlight())
         except OSError as e:  # local disk: full, permissions, a name the file system refuses
             raise StorageError(f"{e.filename or dst}: {e.strerror or type(e).__name__}") from None
         except _Mismatch:
@@ -115,42 +149,6 @@ def _already_there(src: Location, info: ObjectInfo, dst: Location, existing: Obj
         return recorded is not None and _matches(file_digest(Path(src.key), md5=recorded.crc32c is None), recorded)
     recorded_src, recorded_dst = backend(src).stat(src), backend(dst).stat(dst)
     return bool(recorded_src and recorded_dst and same_content(recorded_src, recorded_dst))
-
-
-class Progress:
-    """A live line on a terminal; a one-line summary every `interval_s` in logs."""
-
-    def __init__(self, label: str, objects: int, total_bytes: int, interval_s: float = 10.0):
-        self.label, self.objects, self.total_bytes = label, objects, total_bytes
-        self.done_objects = self.done_bytes = 0
-        self.started = self._last = time.monotonic()
-        self.tty = sys.stderr.isatty()
-        self.interval_s = 0.2 if self.tty else interval_s
-        self._lock = threading.Lock()
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        return (f"{self.label}: {self.done_objects}/{self.objects} objects, "
-                f"{self.done_bytes / 2**20:.1f}/{self.total_bytes / 2**20:.1f} MiB, "
-                f"{self.done_bytes / 2**20 / elapsed:.1f} MiB/s")
-
-    def advance(self, nbytes: int) -> None:
-        with self._lock:
-            self.done_objects += 1
-            self.done_bytes += nbytes
-            now = time.monotonic()
-            if now - self._last >= self.interval_s:
-                self._last = now
-                if self.tty:
-                    print("\r" + self.line(), end="", file=sys.stderr, flush=True)
-                else:
-                    log.info(self.line())
-
-    def close(self) -> None:
-        if self.tty:
-            print("\r" + self.line(), file=sys.stderr, flush=True)
-        elif self.objects:
-            log.info(self.line())
 
 
 def _relative(root: Location, info: ObjectInfo) -> str:
@@ -206,8 +204,13 @@ def check_local_targets(targets: list[tuple[str, Path]]) -> None:
             raise StorageError(f"{key}:{where} is an existing folder; give the full target path of the object")
 
 
-def copy(src: str, dst: str, *, concurrency: int | None = None) -> TransferStats:
-    """Copy one object or file to `dst` (the full target URI)."""
+def copy(src: str, dst: str, *, concurrency: int | None = None,
+         progress_interval_s: float | None = None) -> TransferStats:
+    """Copy one object or file to `dst` (the full target URI).
+
+    A copy that outlasts the progress interval (progress.LOG_INTERVAL_S in logs) reports its bytes,
+    rate and ETA as it goes, and a summary; a quick one says nothing.
+    """
     s, d = parse(src), parse(dst)
     info = backend(s).stat(s)
     if info is None:
@@ -216,15 +219,23 @@ def copy(src: str, dst: str, *, concurrency: int | None = None) -> TransferStats
         raise StorageError(f"{src}: no such object" if s.scheme != "file" else f"{src}: no such file or directory")
     if d.scheme == "file":
         check_local_targets([(dst, Path(d.key))])
-    nbytes = transfer(s, info, d)
+    in_flight = _InFlight()
+    with Progress(f"copy {src} -> {dst}:", 1, unit="objects", total_bytes=info.size, logger=log,
+                  interval_s=progress_interval_s, quiet_if_quick=True, partial_bytes=in_flight.bytes,
+                  ticking=True) as progress:
+        nbytes = transfer(s, info, d, in_flight)
+        progress.advance(nbytes=nbytes)
     return TransferStats(objects_copied=1, bytes_copied=nbytes)
 
 
-def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None) -> TransferStats:
+def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None,
+         progress_interval_s: float | None = None) -> TransferStats:
     """Copy every object under `src_prefix` to the same relative key under `dst_prefix`.
 
     Objects already at the destination with the same size and digest are skipped, so a second
-    sync of an unchanged prefix moves 0 bytes and an interrupted one resumes.
+    sync of an unchanged prefix moves 0 bytes and an interrupted one resumes. Progress (objects,
+    bytes including those within large downloads, rate, ETA) is a live line on a terminal, else a
+    log line every `progress_interval_s` (progress.LOG_INTERVAL_S), and a summary line.
     """
     s, d = parse(src_prefix), parse(dst_prefix)
     sources = backend(s).list(s)
@@ -240,7 +251,10 @@ def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None) ->
                              for info, rel in plan])
     existing = {_relative(d, info): info for info in backend(d).list(d)}
     stats = TransferStats()
-    progress = Progress(f"sync {src_prefix} -> {dst_prefix}", len(plan), sum(i.size for i, _ in plan))
+    in_flight = _InFlight()
+    progress = Progress(f"sync {src_prefix} -> {dst_prefix}:", len(plan), unit="objects",
+                        total_bytes=sum(i.size for i, _ in plan), logger=log, interval_s=progress_interval_s,
+                        partial_bytes=in_flight.bytes, ticking=True)
     lock = threading.Lock()
 
     def work(item: tuple[ObjectInfo, str]) -> None:
@@ -250,16 +264,16 @@ def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None) ->
         if rel in existing and _already_there(src_loc, info, dst_loc, existing[rel]):
             with lock:
                 stats.objects_skipped += 1
-            progress.advance(0)
+            progress.advance(skipped_bytes=info.size)  # nothing to move: out of the bytes left, and of the ETA
             return
-        nbytes = transfer(src_loc, info, dst_loc)
+        nbytes = transfer(src_loc, info, dst_loc, in_flight)
         with lock:
             stats.objects_copied += 1
             stats.bytes_copied += nbytes
-        progress.advance(nbytes)
+        progress.advance(nbytes=nbytes)
 
     workers = DEFAULT_CONCURRENCY if concurrency is None else concurrency
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
+    with progress, concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
         futures = [pool.submit(work, item) for item in plan]
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -268,6 +282,4 @@ def sync(src_prefix: str, dst_prefix: str, *, concurrency: int | None = None) ->
             for future in futures:
                 future.cancel()
             raise
-        finally:
-            progress.close()
     return stats
