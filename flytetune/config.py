@@ -91,7 +91,12 @@ class TrainConfig:
     num_workers: int = 0
     # Bitwise-reproducible kernels (slower); needed for exact continuation after a resume.
     deterministic: bool = False
+    # A metrics record (loss, learning rate, throughput, GPU) every N steps: the points of the Training
+    # deck's plots and of train_history.json. Log lines are further apart where steps are fast
+    # (flytetune/progress.py LOG_INTERVAL_S).
     log_every_steps: int = 20
+    # The Training deck is republished every N minutes while the run goes, and at each epoch end.
+    deck_every_minutes: float = 5.0
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -104,6 +109,7 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
         _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+        _check(self.deck_every_minutes > 0, "train.deck_every_minutes", "must be > 0")
 
 
 @dataclass

@@ -130,7 +130,20 @@ def run(model_dir: Path, prepared_dir: Path, cfg: FinetuneConfig, output_uri: st
     decision = compare(candidate, production, cfg.gate, version)
     log.info("gate: %s: %s", "promote" if decision["promote"] else "not promoted", decision["reason"])
     return {**decision, "production_version": version, "eval_sets": sets,
-            "candidate": _headline(candidate), "production": _headline(production) if production else None}
+            "candidate": _headline(candidate), "production": _headline(production) if production else None,
+            "per_class": per_class(candidate, production)}
+
+
+def per_class(candidate: dict, production: dict | None) -> list[dict]:
+    """Both models' F1 for each class of the evaluation rows, the largest loss first (production_f1
+    and change are None without a production model)."""
+    rows = []
+    for name, ours in candidate["per_class"].items():
+        theirs = production["per_class"][name]["f1"] if production else None
+        rows.append({"label": name, "support": ours["support"], "candidate_f1": ours["f1"], "production_f1": theirs,
+                     "change": None if theirs is None else round(ours["f1"] - theirs, 6)})
+    rows.sort(key=lambda r: (r["change"] if r["change"] is not None else r["candidate_f1"], r["label"]))
+    return rows
 
 
 def _headline(scores: dict) -> dict:

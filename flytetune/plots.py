@@ -13,6 +13,7 @@ show the same pictures (`IPython.display.SVG(line_chart(...))`).
 import html
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 # Tableau 10: distinct for the common forms of colour blindness, readable on white.
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
@@ -203,6 +204,52 @@ def top_confusions(cells: Sequence[tuple[str, str, int]], *, classes: int) -> st
                      {"rows": [count for _, _, count in cells]},
                      title=f"Most frequent confusions, true → predicted ({classes} classes: too many for a matrix)",
                      value_label="test rows")
+
+
+class Span(NamedTuple):
+    """One row of a timeline: a bar from `start` to `end`, coloured by `kind` (named in the legend),
+    with point `marks` on it, each (x, tooltip)."""
+    label: str
+    start: float
+    end: float
+    kind: str
+    tooltip: str
+    marks: Sequence[tuple[float, str]] = ()
+
+
+def timeline(spans: Sequence[Span], *, title: str, x_label: str, mark_label: str = "",
+             width: int = WIDTH) -> str:
+    """Horizontal bars on a shared time axis, one row per span (e.g. the attempts of a training run,
+    with their checkpoints as `marks`, named `mark_label` in the legend)."""
+    kinds = list(dict.fromkeys(span.kind for span in spans))
+    colors = {kind: PALETTE[i % len(PALETTE)] for i, kind in enumerate(kinds)}
+    row_px, bar_px = 28, 16
+    label_px = min(240, max(60, int(max((len(_short(s.label)) for s in spans), default=4) * _CHAR_PX) + 12))
+    margin = _Margin(top=52, right=24, bottom=44, left=label_px)
+    height = int(margin.top + max(1, len(spans)) * row_px + margin.bottom)
+    plot = _Plot(width, height, margin)
+    if not spans:
+        return _svg("timeline", title, width, height, plot.frame() + _no_data(plot))
+    ticks = _ticks(min(0.0, min(s.start for s in spans)), max(s.end for s in spans))
+    parts = [plot.frame(), plot.x_axis(ticks, x_label)]
+    for row, span in enumerate(spans):
+        y = margin.top + row * row_px + (row_px - bar_px) / 2
+        x0, x1 = plot.x(span.start, ticks), plot.x(span.end, ticks)
+        parts.append(f'<text x="{margin.left - 6}" y="{y + bar_px / 2 + 4:.1f}" text-anchor="end" fill="{INK}">'
+                     f"{_esc(_short(span.label))}<title>{_esc(span.label)}</title></text>")
+        # At least 3 px: an attempt that ended at once is still visible.
+        parts.append(f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(3.0, x1 - x0):.1f}" height="{bar_px}" '
+                     f'fill="{colors[span.kind]}"><title>{_esc(span.tooltip)}</title></rect>')
+        parts += [f'<circle cx="{plot.x(x, ticks):.1f}" cy="{y + bar_px / 2:.1f}" r="4" fill="{INK}" '
+                  f'stroke="#ffffff"><title>{_esc(tip)}</title></circle>' for x, tip in span.marks]
+    legend = [(kind, colors[kind], False) for kind in kinds]
+    legend_svg = _legend(legend, margin.left, 38)
+    if mark_label and any(span.marks for span in spans):
+        x = margin.left + sum(24 + len(kind) * _CHAR_PX + 18 for kind in kinds)
+        legend_svg += (f'<g class="legend"><circle cx="{x + 9:.1f}" cy="34" r="4" fill="{INK}"/>'
+                       f'<text x="{x + 24:.1f}" y="38" fill="{INK}">{_esc(mark_label)}</text></g>')
+    parts.append(legend_svg)
+    return _svg("timeline", title, width, height, "".join(parts))
 
 
 # --- drawing helpers ----------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ class Progress:
     that can go long between `advance` calls (one large object) runs with `ticking=True` as a
     context manager: a background thread then reports on time too. `partial_bytes()`, if given, is
     the bytes already done within items in flight, read only when a line is written. `detail` is
-    appended to every line (training sets loss, learning rate and throughput there).
+    appended to every line (training sets loss, learning rate and throughput there). Reports asked
+    for closer than `min_report_gap_s` to the previous line are dropped (fast GPU steps in logs).
 
     `clock` and `stream` are for tests (a fake clock, a stream that says it is a TTY); `show=False`
     counts without writing (the ranks of a torchrun other than 0).
@@ -66,7 +67,8 @@ class Progress:
                  total_bytes: int = 0, done: int = 0, interval_s: float | None = None,
                  logger: logging.Logger | None = None, stream: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic, show: bool = True, quiet_if_quick: bool = False,
-                 partial_bytes: Callable[[], int] | None = None, ticking: bool = False):
+                 partial_bytes: Callable[[], int] | None = None, ticking: bool = False,
+                 min_report_gap_s: float = 0.0):
         self.label, self.total, self.unit, self.count_format = label, total, unit, count_format
         self.total_bytes, self.done, self.done_bytes = total_bytes, done, 0
         # Bytes, when there are any, are what the share done, the rate and the ETA are measured in.
@@ -84,6 +86,8 @@ class Progress:
         self._shown = self._closed = False
         self._lock = threading.Lock()
         self._ticking = ticking
+        self._min_gap_s = min_report_gap_s
+        self._last_report: float | None = None
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -116,9 +120,11 @@ class Progress:
 
     def _maybe_report(self, force: bool) -> None:
         now = self._clock()
-        if self._closed or not (force or now >= self._due):
+        # A report asked for within min_report_gap_s of the previous line waits for the next one.
+        forced = force and (self._last_report is None or now - self._last_report >= self._min_gap_s)
+        if self._closed or not (forced or now >= self._due):
             return
-        self._due = now + self.interval_s
+        self._due, self._last_report = now + self.interval_s, now
         self._shown = True
         self._write(self.line(now), final=False)
 

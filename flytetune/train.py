@@ -55,6 +55,10 @@ class TrainResult:
     total_steps: int = 0
 
 
+# Seconds between two progress lines in logs, at least: at 30 steps/s a record every 20 steps is not a line.
+LOG_MIN_GAP_S = 10.0
+
+
 def _event(kind: str, step: int, **fields) -> dict:
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return {"event": kind, "step": step, "time": now, **fields}
@@ -245,8 +249,9 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     """Train on `prepared_dir` and write the model folder to `output_dir`.
 
     Progress (steps, steps/s, ETA, loss, learning rate, samples/s, tokens/s) is a live line on a
-    terminal; in logs it is a line every `train.log_every_steps` steps (and one every
-    progress.LOG_INTERVAL_S seconds where those are further apart), then a summary. The result
+    terminal; in logs it is a line every `train.log_every_steps` steps but at most one per
+    LOG_MIN_GAP_S seconds (fast steps do not flood logs), at least one per progress.LOG_INTERVAL_S
+    seconds, then a summary. The result
     carries the metrics stream and the timeline (`TrainResult.steps`, `.events`), also while the
     run goes: `on_update`, if given, gets a snapshot of the result on rank 0 every
     `update_every_minutes` minutes of wall time, at each epoch end and when preempted; its errors
@@ -338,7 +343,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
 
     updates = Updates(on_update if world.is_main else None, result, update_every_minutes * 60)
     reporter = Progress(f"epoch {progress.epoch}", total_steps, unit="steps", count_format="step {done}/{total}",
-                        done=progress.global_step, logger=log, show=world.is_main)
+                        done=progress.global_step, logger=log, show=world.is_main,
+                        min_report_gap_s=LOG_MIN_GAP_S)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     last_save = time.monotonic()
     try:

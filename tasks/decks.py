@@ -3,9 +3,11 @@
 Plots are inline SVG from flytetune.plots: a Deck renders offline, with nothing fetched from a CDN.
 """
 
+import datetime as dt
 import html
 
-from flytetune import plots
+from flytetune import plots, timeline
+from flytetune.progress import duration
 
 # Classes shown in a bar chart before "N more not shown"; the table below a chart lists them all.
 CHART_MAX_CLASSES = 40
@@ -61,6 +63,113 @@ def dataset_profile(meta: dict) -> str:
         listed = "".join(f"<li>{html.escape(w)}</li>" for w in warnings) or "<li>none</li>"
         parts += [checks, f"<p><b>Warnings</b></p><ul>{listed}</ul>"]
     return "<br>".join(parts)
+
+
+def training(result, *, preset: str, hourly_usd: float | None, running: bool,
+             now: dt.datetime | None = None) -> str:
+    """The Training deck from a flytetune.train.TrainResult (also a snapshot taken while it runs):
+    status, loss and learning rate per step, throughput, validation per epoch, GPU memory and
+    utilisation, the attempts (checkpoints, preemptions, resumes) and the cost at the preset's price."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    runs = timeline.attempts(result.events, live_step=result.global_step if running else None, now=now)
+    steps = result.steps
+    parts = [_training_status(result, runs, running, now)]
+    if not steps:
+        parts.append("<p>No metrics recorded yet: one every train.log_every_steps steps.</p>")
+    else:
+        parts += _step_charts(steps)
+    history = result.history
+    if not history:
+        parts.append("<p>No validation yet: it runs at the end of each epoch.</p>")
+    else:
+        parts.append(plots.line_chart({name: [(r["step"], r[key]) for r in history]
+                                       for name, key in (("validation accuracy", "val_accuracy"),
+                                                         ("validation macro-F1", "val_macro_f1"))},
+                                      secondary={name: [(r["step"], r[key]) for r in history]
+                                                 for name, key in (("validation loss", "val_loss"),
+                                                                   ("training loss (epoch mean)", "train_loss"))},
+                                      secondary_label="loss", title="Validation after each epoch",
+                                      x_label="optimizer step", y_label="score"))
+    parts += [_attempts(runs, hourly_usd, preset), training_history(history)]
+    return "<br>".join(parts)
+
+
+def _step_charts(steps: list[dict]) -> list[str]:
+    """Loss and learning rate, throughput, and GPU memory and utilisation per metrics record."""
+    parts = [plots.line_chart({"loss (mean since the previous point)": [(r["step"], r["loss"]) for r in steps]},
+                              secondary={"learning rate": [(r["step"], r["lr"]) for r in steps]},
+                              secondary_label="learning rate", title="Training loss and learning rate",
+                              x_label="optimizer step", y_label="loss"),
+             plots.line_chart({"samples/s": [(r["step"], r["samples_per_s"]) for r in steps]},
+                              secondary={"tokens/s (non-pad)": [(r["step"], r["tokens_per_s"]) for r in steps]},
+                              secondary_label="tokens/s", title="Throughput (all processes)",
+                              x_label="optimizer step", y_label="samples/s")]
+    gpu = [r for r in steps if "gpu_max_mem_gib" in r]
+    if gpu:
+        parts.append(plots.line_chart({"peak memory allocated (GiB)": [(r["step"], r["gpu_max_mem_gib"]) for r in gpu]},
+                                      secondary={"utilisation (%)": [(r["step"], r["gpu_util_pct"])
+                                                                     for r in gpu if "gpu_util_pct" in r]},
+                                      secondary_label="utilisation %", title="GPU (rank 0)",
+                                      x_label="optimizer step", y_label="GiB"))
+    else:
+        parts.append("<p>No GPU in this run: no GPU memory or utilisation to show.</p>")
+    return parts
+
+
+def _training_status(result, runs: list[timeline.Attempt], running: bool, now: dt.datetime) -> str:
+    done, total = result.global_step, result.total_steps
+    share = f" ({done / total:.0%})" if total else ""
+    current = runs[-1] if runs else None
+    if current is not None and current.outcome == "preempted":
+        text = (f"Preempted at step {done} of {total}: the next attempt resumes from the newest checkpoint "
+                f"(attempt {current.number} of this run).")
+    elif running:
+        text = f"Running: step {done} of {total}{share}"
+        if current is not None and current.to_step > current.from_step and current.seconds > 0:
+            rate = (current.to_step - current.from_step) / current.seconds
+            text += f", {rate:.2f} steps/s, ETA {duration((total - done) / rate)}"
+        text += f". Updated {now:%Y-%m-%d %H:%M:%S} UTC; the page is republished while the run goes."
+    else:
+        text = (f"Finished: {done} steps, {len(result.history)} epoch(s), "
+                f"{duration(sum(a.seconds for a in runs))} of training over {len(runs)} attempt(s).")
+    return f'<p class="flytetune-status" data-running="{str(running).lower()}"><b>{html.escape(text)}</b></p>'
+
+
+def _attempts(runs: list[timeline.Attempt], hourly_usd: float | None, preset: str) -> str:
+    if not runs:
+        return "<p>No attempt recorded.</p>"
+    origin = runs[0].started
+
+    def minutes(t: dt.datetime) -> float:
+        return (t - origin).total_seconds() / 60
+
+    spans = [plots.Span(f"attempt {a.number} (steps {a.from_step}-{a.to_step})", minutes(a.started),
+                        minutes(a.last_seen), a.outcome,
+                        f"attempt {a.number}: {a.outcome}, steps {a.from_step}-{a.to_step}, {duration(a.seconds)}"
+                        + (f", resumed from {a.resumed_from}" if a.resumed_from else ""),
+                        [(minutes(timeline.parse_time(c["time"])), f"checkpoint at step {c['step']}: {c['uri']} "
+                          f"({c['seconds']:.1f} s to save)") for c in a.checkpoints])
+             for a in runs]
+    chart = plots.timeline(spans, title="Attempts: checkpoints, preemptions and resumes",
+                           x_label="minutes since the first attempt started", mark_label="checkpoint saved")
+    rows = table(["attempt", "started (UTC)", "training time", "steps", "outcome", "resumed from", "checkpoints",
+                  "cost"],
+                 [[a.number, f"{a.started:%Y-%m-%d %H:%M:%S}", duration(a.seconds), f"{a.from_step}-{a.to_step}",
+                   a.outcome, a.resumed_from or "-", len(a.checkpoints),
+                   "-" if hourly_usd is None else _usd(timeline.cost_usd([a], hourly_usd))] for a in runs], "Attempts")
+    cost = timeline.cost_usd(runs, hourly_usd)
+    if cost is None:
+        estimate = f"No cost estimate: preset {preset} has no hourly_usd."
+    else:
+        hours = sum(a.seconds for a in runs) / 3600
+        estimate = (f"Estimated cost: {_usd(cost)}, {hours:.2f} h of training at preset {preset}'s hourly_usd "
+                    f"${hourly_usd:.2f} (a list price: spot nodes cost less; time before training, such as "
+                    f"scheduling and the data download, is not counted).")
+    return "<br>".join([chart, rows, f"<p><b>{html.escape(estimate)}</b></p>"])
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:.2f}" if amount >= 0.01 else "under $0.01"
 
 
 def training_history(history: list[dict]) -> str:
@@ -142,6 +251,15 @@ def gate(decision: dict) -> str:
                             {name: [m["accuracy"], m["macro_f1"]] for name, m in models.items()}, title=title,
                             value_max=1.0)
     parts = [head, chart, scores, sets]
+    classes = decision.get("per_class") or []  # decided by older code: headline scores only
+    if classes:
+        series = {"this run": [c["candidate_f1"] for c in classes]}
+        title = "F1 per class on the same rows"
+        if decision["production"]:
+            series[f"production {decision['production_version']}"] = [c["production_f1"] for c in classes]
+            title += ", largest loss against production first"
+        parts.append(plots.bar_chart([c["label"] for c in classes], series, title=title, value_max=1.0,
+                                     max_categories=CHART_MAX_CLASSES))
     if decision["class_drops"]:
         drops = decision["class_drops"]
         parts.append(plots.bar_chart([d["label"] for d in drops],

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-from flytekit import Deck, dynamic, task
+from flytekit import Deck, current_context, dynamic, task
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
@@ -55,14 +55,42 @@ def _train(prepared: FlyteDirectory, cfg: FinetuneConfig, resume_from: Optional[
     _check_gpus(preset)
     out = workdir("model")
     init_dir = artifacts.fetch(init_from, workdir("init")) if init_from else None
+    deck = TrainingDeck(preset)
     try:
         result = training.fit(Path(prepared.download()), out, cfg, checkpoint_dir=run_checkpoint_dir(cfg, run_id()),
-                              resume_from=resume_from, init_from=init_dir)
+                              resume_from=resume_from, init_from=init_dir, on_update=deck.publish_live(),
+                              update_every_minutes=cfg.train.deck_every_minutes)
     except Preempted as e:
         # Recoverable: Flyte retries it within the task's `retries` (see README, "Preemption").
         raise FlyteRecoverableException(str(e)) from e
-    Deck("Training", decks.training_history(result.history))
+    deck.show(result, running=False)
     return FlyteDirectory(str(out))
+
+
+class TrainingDeck(Deck):
+    """The Training deck, also republished while the run goes: flytekit's Deck.publish writes the
+    task's deck.html (on a cluster to its output metadata prefix, where the Flyte UI reads it)."""
+
+    def __init__(self, preset: str):
+        super().__init__("Training", "<p>Training is starting.</p>")
+        self.preset = load_preset(preset)
+
+    def show(self, result: training.TrainResult, running: bool) -> None:
+        self._html = decks.training(result, preset=self.preset.name, hourly_usd=self.preset.hourly_usd,
+                                    running=running)
+
+    def publish_live(self):
+        """The `on_update` callback for training.fit, or None where this process cannot publish: a
+        torchrun worker has no task identity, and its decks reach the UI when the task ends."""
+        params = current_context()
+        if not params.enable_deck or params.task_id is None:
+            log.info("the Training deck is written when the task ends (no live publishing in this process)")
+            return None
+
+        def update(result: training.TrainResult) -> None:
+            self.show(result, running=True)
+            Deck.publish()
+        return update
 
 
 # Defaults for a direct call; a preset replaces every one of them (tasks/presets.py).

@@ -29,7 +29,7 @@ IMAGE = "flytetune-train:cluster-test"
 STEPS = 12
 # Deterministic kernels: a run stopped once must end bit-identical to one that was not.
 OVERRIDES = (f"train.max_steps={STEPS} train.deterministic=true checkpoint.every_steps=2 checkpoint.keep=20 "
-             "train.log_every_steps=2")
+             "train.log_every_steps=2 train.deck_every_minutes=0.001")
 
 
 def _timed(label: str, timings: dict):
@@ -176,6 +176,18 @@ def test_a_preempted_training_pod_resumes_and_ends_bit_identical(cluster, bucket
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want), "bit-identical weights"
     assert len(published(buckets, "laptop-edit") - before) == 1, "published once"
     print(json.dumps({a.container: round(a.seconds, 1) for a in train}))
+    # The Training deck in each attempt's output prefix, where the UI reads it: the stopped attempt never
+    # ended, so only publishing while it ran wrote its page; the last one tells the run attempt by attempt.
+    decks = {}
+    for number in (0, 1):
+        storage.copy(f"{cluster.metadata_uri}/metadata/{execution}/n2-train-cpu/{number}/deck.html",
+                     str(tmp_path / f"deck-{number}.html"))
+        decks[number] = (tmp_path / f"deck-{number}.html").read_text()
+    assert 'class="flytetune-status" data-running="true"' in decks[0]
+    # "lost" when SIGTERM came right after a periodic save: no save of its own carried the preemption.
+    assert re.search(r"<td>1</td><td>[\d-]+ [\d:]+</td><td>\w+</td><td>0-\d+</td><td>(preempted|lost)</td>",
+                     decks[1]), decks[1][-3000:]
+    assert re.search(r"<td>2</td><td>[\d-]+ [\d:]+</td><td>\w+</td><td>\d+-12</td><td>finished</td><td>gs://", decks[1])
 
 
 def test_the_multi_gpu_preset_compiles_in_its_pod(cluster, uninterrupted):

@@ -21,6 +21,10 @@ def plot_kinds(page: str) -> list[str]:
     return re.findall(r'<svg [^>]*class="flytetune-plot" data-plot="(\w+)"', page)
 
 
+def svgs(page: str) -> list[str]:
+    return re.findall(r"<svg .*?</svg>", page, re.S)
+
+
 def test_prepare_records_what_the_dataset_profile_shows(tmp_path):
     long_text = "an unusually long description " * 20
     df = pl.concat([frame(n_per_class=10),
@@ -153,3 +157,81 @@ def test_gate_deck_compares_with_production_under_the_decision():
     page = decks.gate(against)
     assert page.startswith("<p><b>not promoted</b>: worse") and plot_kinds(page) == ["bar", "bar"]
     assert "production v1: 0.7" in page and "c, production F1: 0.9" in page
+
+
+def test_gate_deck_shows_f1_per_class_against_production():
+    from flytetune.gate import per_class, score
+
+    truth = ["a"] * 30 + ["b"] * 30
+    ours = score(truth, ["a"] * 30 + ["b"] * 10 + ["a"] * 20)
+    theirs = score(truth, ["a"] * 30 + ["b"] * 30)
+    rows = per_class(ours, theirs)
+    assert [r["label"] for r in rows] == ["b", "a"], "the largest loss first"
+    assert rows[0] == {"label": "b", "support": 30, "candidate_f1": 0.5, "production_f1": 1.0, "change": -0.5}
+    decision = {"promote": False, "reason": "worse", "metric": "macro_f1", "improvement": -0.3, "class_drops": [],
+                "production_version": "v1", "eval_sets": {"test split": {"rows": 60}},
+                "production": {"n_examples": 60, "accuracy": 1.0, "macro_f1": 1.0},
+                "candidate": {"n_examples": 60, "accuracy": 0.67, "macro_f1": 0.64}, "per_class": rows}
+    chart = svgs(decks.gate(decision))[1]
+    assert "F1 per class on the same rows, largest loss against production first" in chart
+    assert "b, production v1: 1" in chart and "b, this run: 0.5" in chart
+    first = per_class(ours, None)
+    assert first[0] == {"label": "b", "support": 30, "candidate_f1": 0.5, "production_f1": None, "change": None}
+    alone = decks.gate({**decision, "production": None, "production_version": None, "per_class": first})
+    chart = svgs(alone)[1]
+    assert "<title>b: 0.5</title>" in chart and "production" not in chart
+
+
+def recorded_result(events, steps, history, global_step, total_steps=300):
+    from flytetune.train import TrainResult
+
+    return TrainResult(global_step=global_step, epochs_completed=len(history), history=history, steps=steps,
+                       events=events, total_steps=total_steps)
+
+
+STEPS = [{"step": s, "epoch": 0, "loss": 2.0 - s / 200, "lr": 1e-4, "samples_per_s": 900.0, "tokens_per_s": 21000.0,
+          "elapsed_s": s * 3.0, "gpu_max_mem_gib": 3.2, "gpu_util_pct": 87} for s in range(25, 301, 25)]
+HISTORY = [{"epoch": 0, "step": 150, "train_loss": 1.6, "val_loss": 1.2, "val_accuracy": 0.71, "val_macro_f1": 0.66},
+           {"epoch": 1, "step": 300, "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.83, "val_macro_f1": 0.8}]
+
+
+def test_training_deck_of_a_run_preempted_once():
+    from tests.test_timeline import PREEMPTED_ONCE
+
+    page = decks.training(recorded_result(PREEMPTED_ONCE, STEPS, HISTORY, 300), preset="a100", hourly_usd=3.6,
+                          running=False)
+    assert plot_kinds(page) == ["line", "line", "line", "line", "timeline"]  # loss, speed, GPU, validation, attempts
+    assert "Finished: 300 steps, 2 epoch(s), 30m12s of training over 2 attempt(s)." in page
+    assert "<td>1</td><td>2026-11-25 08:00:00</td><td>13m06s</td><td>0-130</td><td>preempted</td>" in page
+    assert "<td>finished</td><td>s3://b/ckpt/run/step-000130</td><td>2</td><td>$1.03</td>" in page
+    assert "Estimated cost: $1.81, 0.50 h of training at preset a100&#x27;s hourly_usd $3.60" in page
+    assert "peak memory allocated (GiB) at 300: 3.2" in page and "utilisation (%) at 25: 87" in page
+    assert "checkpoint at step 130: s3://b/ckpt/run/step-000130 (1.5 s to save)" in page
+
+
+def test_training_deck_while_the_run_goes():
+    import datetime as dt
+
+    from tests.test_timeline import PREEMPTED_ONCE, T0
+
+    live = PREEMPTED_ONCE[:5]  # resumed at step 130, 33 minutes in
+    now = T0 + dt.timedelta(minutes=43)  # 10 minutes later, at step 190: 0.1 steps/s
+    page = decks.training(recorded_result(live, STEPS[:7], HISTORY[:1], 190), preset="cpu", hourly_usd=None,
+                          running=True, now=now)
+    assert ('data-running="true"><b>Running: step 190 of 300 (63%), 0.10 steps/s, ETA 18m20s. '
+            "Updated 2026-11-25 08:43:00 UTC") in page
+    assert "<td>running</td>" in page and "No cost estimate: preset cpu has no hourly_usd." in page
+    preempted = [*live, {"event": "preempted", "step": 190, "time": at_minute(43)}]
+    page = decks.training(recorded_result(preempted, STEPS[:7], HISTORY[:1], 190), preset="cpu", hourly_usd=None,
+                          running=True, now=now)
+    assert "Preempted at step 190 of 300: the next attempt resumes from the newest checkpoint (attempt 2" in page
+    starting = decks.training(recorded_result(PREEMPTED_ONCE[:1], [], [], 0), preset="cpu", hourly_usd=0.27,
+                              running=True, now=T0)
+    assert plot_kinds(starting) == ["timeline"], "no empty charts before the first record"
+    assert "No metrics recorded yet" in starting and "No validation yet" in starting
+
+
+def at_minute(minutes: float) -> str:
+    from tests.test_timeline import at
+
+    return at(minutes)

@@ -32,8 +32,8 @@ SCREENSHOTS = os.environ.get("FLYTETUNE_SCREENSHOTS")
 # (task, Deck tab, plots it must draw at least, screenshot file name)
 DECKS = [
     ("prepare", "Dataset profile", 2, "prepare.png"),
-    # A table today; plots added to it are checked like every other one.
-    ("train", "Training", 0, "train.png"),
+    # Loss and learning rate, throughput, validation, attempts (no GPU here: no GPU chart).
+    ("train", "Training", 4, "train.png"),
     ("evaluate", "Test metrics", 2, "evaluate.png"),
     ("evaluate", "Gate", 1, "gate.png"),
 ]
@@ -59,8 +59,10 @@ def deck_files(chromium_install, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("decks")
     run_workflow(root, "train.max_steps=1 checkpoint.uri=null")
     # More steps for the README's pictures: a model that has learnt something, better than production.
-    second = "train.max_steps=80 train.epochs=4" if SCREENSHOTS else "train.max_steps=2"
-    return run_workflow(root, f"{second} checkpoint.uri=null")
+    second = "train.max_steps=80 train.epochs=4 checkpoint.every_steps=20" if SCREENSHOTS else (
+        "train.max_steps=2 checkpoint.every_steps=1")
+    # The Training deck republished at every step (a step takes longer than 0.3 s here) and epoch end.
+    return run_workflow(root, f"{second} checkpoint.uri={root / 'checkpoints'} train.deck_every_minutes=0.005")
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +82,12 @@ def run_workflow(root: Path, overrides: str) -> dict[str, Path]:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr
     assert done.returncode == 0 and "Published(" in log, log[-3000:]
-    found = dict(re.findall(r"(\w+) task creates flyte deck html to file://(\S+?/deck\.html)", log))
+    written = re.findall(r"(\w+) task creates flyte deck html to file://(\S+?/deck\.html)", log)
+    found = dict(written)  # each task's last: the one it writes when it ends
     assert {"prepare", "train", "evaluate"} <= set(found), f"deck files found: {found}"
-    return {task: Path(path) for task, path in found.items()}
+    # Published while training ran (Deck.publish; flytekit names the task differently in those log lines).
+    live = [Path(path) for _, path in written if 'data-running="true"' in Path(path).read_text()]
+    return {**{task: Path(path) for task, path in found.items()}, "live": live}
 
 
 def deck_page(tabs: dict[str, str]) -> str:
@@ -171,6 +176,24 @@ def test_each_deck_draws_its_plots_in_chromium_offline(deck_files, browser, tmp_
     assert problems == [], f"{deck_files[task]}, screenshot {tmp_path / picture}"
     if SCREENSHOTS:
         save_readme_screenshot(browser, deck_files[task], tab, shown, Path(SCREENSHOTS) / picture)
+
+
+def test_the_training_deck_is_published_while_the_run_goes(deck_files, browser, tmp_path):
+    """Before the task ended, its Training deck was written with the run in progress (at steps 1 and
+    2, and at the epoch's end); the last such page draws its plots like the final one."""
+    live = deck_files["live"]
+    assert len(live) >= 2, f"live Training decks: {live}"
+    statuses = [re.search(r'data-running="true"><b>(Running: step (\d+) of (\d+)[^<]*)', p.read_text()) for p in live]
+    assert all(statuses), [p.read_text()[:500] for p, found in zip(live, statuses, strict=True) if not found]
+    assert [int(s.group(2)) for s in statuses] == sorted(int(s.group(2)) for s in statuses), "published in order"
+    first, last = statuses[0], statuses[-1]
+    assert int(first.group(2)) < int(first.group(3)), f"the first page is from before the last step: {first.group(1)}"
+    final = deck_files["train"].read_text()
+    assert 'data-running="false"><b>Finished:' in final and last.group(1) not in final
+    problems, png, shown = inspect(browser, live[-1], "Training", 4)
+    (tmp_path / "live.png").write_bytes(png)
+    assert problems == [], f"{live[-1]}, screenshot {tmp_path / 'live.png'}"
+    assert [p["kind"] for p in shown["plots"]] == ["line", "line", "line", "timeline"]
 
 
 def save_readme_screenshot(browser: Chromium, deck: Path, tab: str, shown: dict, path: Path) -> None:

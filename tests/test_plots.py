@@ -30,10 +30,12 @@ def every_chart() -> dict[str, str]:
         "bar": plots.bar_chart(["a", "b"], {"train": [3, 1], "test": [1, 0]}, title="t"),
         "histogram": plots.histogram([0, 4, 8, 9], [5, 2, 1], title="t", x_label="tokens", highlight_last="cut"),
         "heatmap": plots.confusion_matrix([[3, 1], [0, 2]], ["a", "b"]),
+        "timeline": plots.timeline([plots.Span("attempt 1", 0, 13, "preempted", "first", [(10, "ckpt")])],
+                                   title="t", x_label="minutes", mark_label="checkpoint"),
     }
 
 
-@pytest.mark.parametrize("kind", ["line", "bar", "histogram", "heatmap"])
+@pytest.mark.parametrize("kind", ["line", "bar", "histogram", "heatmap", "timeline"])
 def test_every_chart_is_one_svg_that_fetches_nothing(kind):
     svg = every_chart()[kind]
     root = parse(svg)
@@ -140,3 +142,25 @@ def test_names_are_escaped():
 ])
 def test_ticks_are_round_numbers_covering_the_range(lo, hi, expected):
     assert plots._ticks(lo, hi) == pytest.approx(expected)
+
+
+def test_timeline_bars_share_one_time_axis_and_carry_their_marks():
+    spans = [plots.Span("attempt 1 (steps 0-130)", 0, 13, "preempted", "attempt 1: preempted",
+                        [(10, "checkpoint at step 100"), (13, "checkpoint at step 130")]),
+             plots.Span("attempt 2 (steps 130-300)", 33, 50, "finished", "attempt 2: finished", [(40, "step 200")])]
+    root = parse(plots.timeline(spans, title="Attempts", x_label="minutes", mark_label="checkpoint saved"))
+    bars = marks(root, "rect")
+    assert [b.find(f"{SVG}title").text for b in bars] == ["attempt 1: preempted", "attempt 2: finished"]
+    first, second = (float(b.get("x")) for b in bars)
+    widths = [float(b.get("width")) for b in bars]
+    # 0 to 60 minutes on the axis: attempt 2 starts 33/13 of attempt 1's length to the right.
+    assert (second - first) / widths[0] == pytest.approx(33 / 13, rel=0.01)
+    assert widths[1] / widths[0] == pytest.approx(17 / 13, rel=0.01)
+    assert bars[0].get("fill") != bars[1].get("fill"), "outcomes in their own colours"
+    dots = marks(root, "circle")
+    assert [d.find(f"{SVG}title").text for d in dots] == ["checkpoint at step 100", "checkpoint at step 130",
+                                                          "step 200"]
+    assert float(dots[1].get("cx")) == pytest.approx(first + widths[0], abs=0.2), "at the end of attempt 1"
+    legend = "".join(t for g in root.iter(f"{SVG}g") if g.get("class") == "legend" for t in g.itertext())
+    assert "preempted" in legend and "finished" in legend and "checkpoint saved" in legend
+    assert "no data" in "".join(parse(plots.timeline([], title="t", x_label="m")).itertext())

@@ -97,6 +97,19 @@ def test_a_report_asked_for_restarts_the_interval(caplog):
                                 "epoch 0 step 3/100 (3%), 0.1 steps/s, ETA 26m57s, loss 1.2500"]
 
 
+def test_reports_asked_for_closer_than_the_minimum_gap_are_dropped(caplog):
+    """Training asks for a line at every metrics record; at 30 steps/s that would be lines per second."""
+    clock = Clock()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    progress = Progress("epoch 0", 1000, unit="steps", count_format="step {done}/{total}", interval_s=30,
+                        logger=logging.getLogger(LOGGER), stream=io.StringIO(), clock=clock, min_report_gap_s=10)
+    for _ in range(50):  # a record every step, 2 s apart
+        clock.now += 2
+        progress.advance(report=True)
+    steps = [int(re.search(r"step (\d+)/", line).group(1)) for line in messages(caplog)]
+    assert steps == [1, 6, 11, 16, 21, 26, 31, 36, 41, 46]
+
+
 def test_on_a_terminal_one_line_is_redrawn_in_place_and_nothing_is_logged(caplog):
     clock, terminal = Clock(), Terminal()
     caplog.set_level(logging.INFO, logger=LOGGER)
@@ -191,7 +204,9 @@ def tiny_fit_cfg(backbone: Path, *overrides: str):
                                      "checkpoint.every_minutes=null", *overrides])
 
 
-def test_fit_records_the_metrics_stream_and_the_timeline(tmp_path, prepared_tiny, tiny_backbone, caplog):
+def test_fit_records_the_metrics_stream_and_the_timeline(tmp_path, prepared_tiny, tiny_backbone, caplog,
+                                                         monkeypatch):
+    monkeypatch.setattr("flytetune.train.LOG_MIN_GAP_S", 0.0)  # a line per record: steps here are fast
     cfg = tiny_fit_cfg(tiny_backbone, "train.max_steps=5", "checkpoint.every_steps=2", "train.batch_size=16")
     updates = []
     caplog.set_level(logging.INFO, logger="flytetune.train")
