@@ -299,12 +299,15 @@ def load(uri: str) -> Restored:
         )
 
 
-def restore_into(restored: Restored, model: torch.nn.Module, optimizer, scheduler) -> TrainingProgress:
-    """The inverse of `capture`: load a checkpoint into a freshly built model, optimizer and scheduler,
-    restore every RNG, and return where training stood."""
+def restore_into(restored: Restored, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> TrainingProgress:
+    """The inverse of `capture`: load a checkpoint into a freshly built model, optimizer, scheduler
+    and gradient scaler (fp16; a checkpoint without one leaves it fresh), restore every RNG, and
+    return where training stood."""
     model.load_state_dict(restored.model)
     optimizer.load_state_dict(restored.optimizer["optimizer"])
     scheduler.load_state_dict(restored.optimizer["scheduler"])
+    if scaler is not None and restored.optimizer.get("scaler"):
+        scaler.load_state_dict(restored.optimizer["scaler"])
     set_rng_state(restored.rng)
     return restored.progress
 

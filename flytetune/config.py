@@ -89,12 +89,19 @@ class TrainConfig:
     seed: int = 42
     # DataLoader worker processes; each opens the lmdb store itself.
     num_workers: int = 0
+    # Batches of similar lengths (flytetune/batches.py), so that little of each batch is padding.
+    group_by_length: bool = True
+    # auto: bf16 autocast on CUDA compute capability >= 8, fp16 with a gradient scaler below (T4),
+    # fp32 on CPU (flytetune/hardware.py); or fp32 | bf16 | fp16 (CUDA only).
+    precision: str = "auto"
     # Bitwise-reproducible kernels (slower); needed for exact continuation after a resume.
     deterministic: bool = False
     # A metrics record (loss, learning rate, throughput, GPU) every N steps: the points of the Training
-    # deck's plots and of train_history.json. Log lines are further apart where steps are fast
-    # (flytetune/progress.py LOG_INTERVAL_S).
+    # deck's plots and of train_history.json, each also a progress line in logs...
     log_every_steps: int = 20
+    # ...but at most one such line per this many seconds (0: a line at every record): at 30 steps/s
+    # a record every 20 steps would be more than a line a second.
+    log_min_gap_s: float = 10.0
     # The Training deck is republished every N minutes while the run goes, and at each epoch end.
     deck_every_minutes: float = 5.0
 
@@ -110,6 +117,9 @@ class TrainConfig:
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
         _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         _check(self.deck_every_minutes > 0, "train.deck_every_minutes", "must be > 0")
+        _check(self.log_min_gap_s >= 0, "train.log_min_gap_s", "must be >= 0")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
+               f"must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
 
 
 @dataclass

@@ -112,6 +112,11 @@ class FeatureStore:
         with _environment(self.path).begin(buffers=True) as txn:
             return np.array([_LABEL.unpack_from(v)[0] for _, v in txn.cursor()], dtype=np.int64)
 
+    def lengths(self) -> np.ndarray:
+        """Every example's token count, in index order, from the sizes of the values (nothing decoded)."""
+        with _environment(self.path).begin(buffers=True) as txn:
+            return np.array([(len(v) - _LABEL.size) // _TOKEN.itemsize for _, v in txn.cursor()], dtype=np.int64)
+
     def is_open_here(self) -> bool:
         cached = _ENVIRONMENTS.get(str(self.path.resolve()))
         return cached is not None and cached[0] == os.getpid()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flytetune import checkpoint, distributed
+from flytetune import checkpoint, distributed, hardware
 from flytetune.artifacts import code_version
 from flytetune.backbone import resolve_backbone
 from flytetune.batches import EpochBatchSampler, collate
@@ -55,10 +55,6 @@ class TrainResult:
     total_steps: int = 0
 
 
-# Seconds between two progress lines in logs, at least: at 30 steps/s a record every 20 steps is not a line.
-LOG_MIN_GAP_S = 10.0
-
-
 def _event(kind: str, step: int, **fields) -> dict:
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return {"event": kind, "step": step, "time": now, **fields}
@@ -78,10 +74,11 @@ class StepMetrics:
         self.started = self._window_start = clock()
         self.elapsed_before_s = elapsed_before_s
         self._steps = self._samples = self._tokens = 0
-        self._loss_sum = 0.0
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self._ask_utilisation = device.type == "cuda"
 
-    def add(self, batch: dict, loss: float) -> None:
+    def add(self, batch: dict, loss: torch.Tensor) -> None:
+        """`batch` as the loader gave it (on the host); `loss` stays on the device until `record`."""
         self._steps += 1
         self._samples += len(batch["labels"])
         self._tokens += int(batch["attention_mask"].sum())
@@ -97,11 +94,13 @@ class StepMetrics:
     def record(self, step: int, epoch: int, lr: float) -> dict:
         now = self.clock()
         window_s = max(now - self._window_start, 1e-9)
-        record = {"step": step, "epoch": epoch, "loss": round(self._loss_sum / max(self._steps, 1), 6), "lr": lr,
+        record = {"step": step, "epoch": epoch, "loss": round(float(self._loss_sum) / max(self._steps, 1), 6),
+                  "lr": lr,
                   "samples_per_s": round(self._samples * self.world_size / window_s, 2),
                   "tokens_per_s": round(self._tokens * self.world_size / window_s, 1),
                   "elapsed_s": round(self.elapsed_before_s + now - self.started, 2), **self._gpu()}
-        self._window_start, self._steps, self._samples, self._tokens, self._loss_sum = now, 0, 0, 0, 0.0
+        self._window_start, self._steps, self._samples, self._tokens = now, 0, 0, 0
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         return record
 
     def _gpu(self) -> dict:
@@ -232,6 +231,8 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: in
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.train.learning_rate,
+        # One kernel for all parameters instead of several per tensor: CUDA only.
+        fused=next(model.parameters()).is_cuda,
     )
     warmup_steps = int(cfg.train.warmup_fraction * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
@@ -250,10 +251,9 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
 
     Progress (steps, steps/s, ETA, loss, learning rate, samples/s, tokens/s) is a live line on a
     terminal; in logs it is a line every `train.log_every_steps` steps but at most one per
-    LOG_MIN_GAP_S seconds (fast steps do not flood logs), at least one per progress.LOG_INTERVAL_S
-    seconds, then a summary. The result
-    carries the metrics stream and the timeline (`TrainResult.steps`, `.events`), also while the
-    run goes: `on_update`, if given, gets a snapshot of the result on rank 0 every
+    `train.log_min_gap_s` seconds, at least one per progress.LOG_INTERVAL_S seconds, then a
+    summary. The result carries the metrics stream and the timeline (`TrainResult.steps`,
+    `.events`), also while the run goes: `on_update`, if given, gets a snapshot of the result on rank 0 every
     `update_every_minutes` minutes of wall time, at each epoch end and when preempted; its errors
     are logged, never raised.
 
@@ -278,6 +278,10 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         raise ConfigError(f"train.batch_size: {tcfg.batch_size} is smaller than the {world.size} processes sharing it")
     seed_everything(tcfg.seed, tcfg.deterministic)
     device = distributed.device(world)
+    hardware.configure(device)
+    precision = hardware.choose_precision(tcfg.precision, device)
+    # fp16 gradients underflow without loss scaling; its state is part of a checkpoint.
+    scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer", local_files_only=True)
     if init_from is not None:
         init_from = Path(init_from)
@@ -310,14 +314,15 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     if source:
         restored = restored or checkpoint.load(source)
         checkpoint.check_compatible(restored, compat_fields(cfg, meta))
-        progress = checkpoint.restore_into(restored, model, optimizer, scheduler)
+        progress = checkpoint.restore_into(restored, model, optimizer, scheduler, scaler)
         log.info("resuming from checkpoint %s at step %d (epoch %d, batch %d)",
                  source, progress.global_step, progress.epoch, progress.batch_in_epoch)
         progress.events.append(_event("resume", progress.global_step, checkpoint=source))
     else:
         progress.events.append(_event("start", 0, total_steps=total_steps))
-    log.info("training %s on %s: %d examples, %d steps (%d per epoch), device %s",
-             cfg.model.backbone, prepared_dir, len(train_store), total_steps, steps_per_epoch, device)
+    log.info("training %s on %s: %d examples, %d steps (%d per epoch), device %s, %s, %d CPU threads",
+             cfg.model.backbone, prepared_dir, len(train_store), total_steps, steps_per_epoch, device,
+             precision.name, torch.get_num_threads())
 
     def saved(step: int, uri: str, seconds: float) -> None:  # in the writer's thread
         progress.events.append(_event("checkpoint", step, uri=uri, seconds=round(seconds, 2)))
@@ -333,7 +338,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
             # The save waits for the previous one anyway; waiting first puts its event in this checkpoint.
             writer.wait()
         progress.elapsed_s = metrics.elapsed_s()
-        return checkpoint.capture(model, optimizer, scheduler, None, progress, extra)
+        settle_loss()
+        return checkpoint.capture(model, optimizer, scheduler, scaler, progress, extra)
 
     def result() -> TrainResult:
         return TrainResult(global_step=progress.global_step, epochs_completed=len(progress.history),
@@ -344,8 +350,18 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     updates = Updates(on_update if world.is_main else None, result, update_every_minutes * 60)
     reporter = Progress(f"epoch {progress.epoch}", total_steps, unit="steps", count_format="step {done}/{total}",
                         done=progress.global_step, logger=log, show=world.is_main,
-                        min_report_gap_s=LOG_MIN_GAP_S)
+                        min_report_gap_s=tcfg.log_min_gap_s)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    lengths = train_store.lengths() if tcfg.group_by_length else None
+    # The epoch's loss is summed on the device and read (a host synchronisation) only when needed:
+    # at a metrics record, a checkpoint and the epoch's end. float64: exact sums of float32 losses.
+    pending_loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def settle_loss() -> None:
+        nonlocal pending_loss
+        progress.epoch_loss_sum += float(pending_loss)
+        pending_loss = torch.zeros((), dtype=torch.float64, device=device)
+
     last_save = time.monotonic()
     try:
         with GracefulStop() as stop:
@@ -353,9 +369,11 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 reporter.label = f"epoch {progress.epoch}"
                 sampler = EpochBatchSampler(len(train_store), tcfg.batch_size, progress.sampler_seed,
                                             progress.epoch, start_batch=progress.batch_in_epoch,
-                                            rank=world.rank, world_size=world.size)
+                                            rank=world.rank, world_size=world.size, lengths=lengths)
                 loader = torch.utils.data.DataLoader(
                     train_store, batch_sampler=sampler, collate_fn=collate_fn, num_workers=tcfg.num_workers,
+                    # Page-locked batches: the copy to the GPU (non_blocking) overlaps the previous step.
+                    pin_memory=device.type == "cuda",
                     # Its own generator: the loader's base seed must not draw from the global RNG,
                     # or a resumed run's dropout masks would differ from the uninterrupted run's.
                     generator=torch.Generator().manual_seed(progress.sampler_seed + progress.epoch),
@@ -363,10 +381,11 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 model.train()
                 epoch_started = time.monotonic()
                 for batch in loader:
-                    loss = train_step(train_model, optimizer, scheduler, batch, device, tcfg.max_grad_norm)
+                    loss = train_step(train_model, optimizer, scheduler, batch, device, tcfg.max_grad_norm,
+                                      precision, scaler)
                     progress.global_step += 1
                     progress.batch_in_epoch += 1
-                    progress.epoch_loss_sum += loss
+                    pending_loss += loss
                     progress.epoch_batches += 1
                     metrics.add(batch, loss)
                     # A record is also a progress line in logs (`epoch 0 step 40/264 (15%), ...`).
@@ -388,6 +407,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                     if writer and _save_due(ccfg, progress.global_step, time.monotonic() - last_save):
                         writer.save(snapshot())
                         last_save = time.monotonic()
+                settle_loss()
                 validation_started = time.monotonic()
                 val = validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, meta["labels"])
                 metrics.skip(time.monotonic() - validation_started)
@@ -475,15 +495,25 @@ def stop_gracefully(writer, snapshot, step: int, budget_s: float) -> Preempted:
     return Preempted(step, writer.save_now(snapshot()))
 
 
-def train_step(model, optimizer, scheduler, batch: dict, device: torch.device, max_grad_norm: float) -> float:
+def train_step(model, optimizer, scheduler, batch: dict, device: torch.device, max_grad_norm: float,
+               precision: hardware.Precision = hardware.PRECISIONS["fp32"], scaler=None) -> torch.Tensor:
+    """One optimizer step; returns the loss as a detached tensor on the device (reading it waits for the step)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    loss = model(**batch).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    with torch.autocast(device.type, dtype=precision.autocast, enabled=precision.autocast is not None):
+        loss = model(**batch).loss
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return loss.detach()
 
 
 def validate(model, store: FeatureStore, batch_size: int, pad_id: int, labels: list[str]) -> dict:

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 STEPS = 16
 ARGS = ["--config", str(TINY_CONFIG), "--set", "train.deterministic=true", "--set", f"train.max_steps={STEPS}",
-        "--set", "train.log_every_steps=1", "--set", "checkpoint.every_steps=4",
+        "--set", "train.log_every_steps=1", "--set", "train.log_min_gap_s=0", "--set", "checkpoint.every_steps=4",
         "--set", "checkpoint.every_minutes=null", "--set", "checkpoint.keep=5"]
 
 
@@ -244,7 +244,7 @@ def test_pyflyte_run_sigterm_is_recoverable_and_from_checkpoint_continues(tmp_pa
     `retries`); a later `pyflyte run --from_checkpoint latest` continues from that checkpoint."""
     pyflyte = str(Path(sys.executable).parent / "pyflyte")
     overrides = (f"model.backbone={tiny_backbone} checkpoint.uri={tmp_path / 'ckpt'} checkpoint.every_steps=4 "
-                 f"checkpoint.every_minutes=null train.log_every_steps=1 train.max_steps={STEPS}")
+                 f"checkpoint.every_minutes=null train.log_every_steps=1 train.log_min_gap_s=0 train.max_steps={STEPS}")
     command = [pyflyte, "run", "workflows/finetune.py", "finetune", "--config", str(TINY_CONFIG),
                "--output_uri", str(tmp_path / "out"), "--overrides", overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}

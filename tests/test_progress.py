@@ -204,10 +204,9 @@ def tiny_fit_cfg(backbone: Path, *overrides: str):
                                      "checkpoint.every_minutes=null", *overrides])
 
 
-def test_fit_records_the_metrics_stream_and_the_timeline(tmp_path, prepared_tiny, tiny_backbone, caplog,
-                                                         monkeypatch):
-    monkeypatch.setattr("flytetune.train.LOG_MIN_GAP_S", 0.0)  # a line per record: steps here are fast
-    cfg = tiny_fit_cfg(tiny_backbone, "train.max_steps=5", "checkpoint.every_steps=2", "train.batch_size=16")
+def test_fit_records_the_metrics_stream_and_the_timeline(tmp_path, prepared_tiny, tiny_backbone, caplog):
+    cfg = tiny_fit_cfg(tiny_backbone, "train.max_steps=5", "checkpoint.every_steps=2", "train.batch_size=16",
+                       "train.log_min_gap_s=0")  # a line per record
     updates = []
     caplog.set_level(logging.INFO, logger="flytetune.train")
     result = fit(prepared_tiny, tmp_path / "model", cfg, checkpoint_dir=str(tmp_path / "ckpt"),
@@ -221,7 +220,7 @@ def test_fit_records_the_metrics_stream_and_the_timeline(tmp_path, prepared_tiny
     assert result.steps[0]["elapsed_s"] < result.steps[1]["elapsed_s"] < result.steps[2]["elapsed_s"]
     # tokens/s over samples/s of one window: the non-pad tokens per example of the batches it trained on.
     store = FeatureStore(prepared_tiny / "train")
-    batches = list(EpochBatchSampler(len(store), 16, cfg.train.seed, 0))[:2]
+    batches = list(EpochBatchSampler(len(store), 16, cfg.train.seed, 0, lengths=store.lengths()))[:2]
     real_tokens = sum(len(store[i]["input_ids"]) for batch in batches for i in batch)
     per_example = result.steps[0]["tokens_per_s"] / result.steps[0]["samples_per_s"]
     assert per_example == pytest.approx(real_tokens / 32, rel=0.01)

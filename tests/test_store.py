@@ -87,3 +87,32 @@ def test_collate_pads_dynamically():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_length_grouped_order_resumes_shards_and_pads_less():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 65, 1000)
+    grouped = list(EpochBatchSampler(1000, 32, seed=5, epoch=2, lengths=lengths))
+    assert sorted(i for b in grouped for i in b) == list(range(1000)), "every example once"
+    assert grouped == list(EpochBatchSampler(1000, 32, seed=5, epoch=2, lengths=lengths)), "drawn from the seed"
+    assert grouped[7:] == list(EpochBatchSampler(1000, 32, seed=5, epoch=2, lengths=lengths, start_batch=7))
+    ranks = [list(EpochBatchSampler(1000, 32, seed=5, epoch=2, rank=r, world_size=2, lengths=lengths)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == grouped
+    assert grouped != list(EpochBatchSampler(1000, 32, seed=5, epoch=3, lengths=lengths))
+
+    def padding_share(batches):
+        padded = sum(len(b) * lengths[b].max() for b in batches)
+        return 1 - sum(lengths[b].sum() for b in batches) / padded
+
+    plain = list(EpochBatchSampler(1000, 32, seed=5, epoch=2))
+    assert padding_share(grouped) < 0.1 < 0.4 < padding_share(plain)
+    assert lengths[grouped[0]].max() == lengths.max(), "the longest batch first: out of memory at step 1"
+    assert len(grouped[-1]) == 1000 % 32, "the partial batch last"
+    # Batches are not in length order: consecutive steps see short and long batches.
+    tops = [int(lengths[b].max()) for b in grouped[1:-1]]
+    assert tops != sorted(tops) and tops != sorted(tops, reverse=True)
+
+
+def test_store_lengths_are_token_counts(tmp_path):
+    write_store(tmp_path / "s", [([1, 2, 3], 0), ([4], 1), ([], 2), (list(range(70)), 3)])
+    assert FeatureStore(tmp_path / "s").lengths().tolist() == [3, 1, 0, 70]
