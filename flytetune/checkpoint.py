@@ -66,6 +66,10 @@ class TrainingProgress:
     epoch_loss_sum: float = 0.0
     epoch_batches: int = 0
     best_val_accuracy: float | None = None
+    # The best evaluation by train.best_metric so far, its step, and evaluations since (flytetune/selection.py).
+    best_value: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
     history: list[dict] = field(default_factory=list)
     # The metrics stream and the timeline travel with the checkpoint, so a resumed run reports the
     # whole run, attempt by attempt (flytetune.train.TrainResult.steps and .events).
@@ -166,10 +170,15 @@ class CheckpointWriter:
         self.last_save_s: float | None = None
         self.last_uri: str | None = None
         self.last_step: int | None = None
+        # The step of the newest save asked for, complete or still in flight.
+        self.queued_step: int | None = None
+        # Never pruned: the best weights so far (flytetune/selection.py).
+        self.protected_step: int | None = None
 
     def save(self, snapshot: Snapshot) -> None:
         """Queue a save; waits for the previous one first, so at most one upload is in flight."""
         self.wait()
+        self.queued_step = snapshot.step
         self._pending = self._pool.submit(self._write, snapshot, time.monotonic())
 
     def save_now(self, snapshot: Snapshot) -> str:
@@ -210,7 +219,8 @@ class CheckpointWriter:
     def _prune(self) -> None:
         complete = sorted(complete_checkpoints(self.uri))
         for step in complete[:-self.keep]:
-            storage.remove(f"{self.uri}/{step_name(step)}")
+            if step != self.protected_step:
+                storage.remove(f"{self.uri}/{step_name(step)}")
 
 
 @dataclass

@@ -77,7 +77,15 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 3
+    # Examples per optimizer step, over all processes (the global batch).
     batch_size: int = 32
+    # Examples per process and micro-batch instead: the global batch is this times the number of
+    # processes times gradient_accumulation_steps, so a multi-GPU preset keeps each GPU busy. The
+    # learning rate is not scaled with it: raise it with the global batch if you need to.
+    per_device_batch_size: Optional[int] = None
+    # Each process runs its share of a step in this many micro-batches, summing gradients: the same
+    # optimizer step in less memory.
+    gradient_accumulation_steps: int = 1
     eval_batch_size: int = 128
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
@@ -89,8 +97,18 @@ class TrainConfig:
     seed: int = 42
     # DataLoader worker processes; each opens the lmdb store itself.
     num_workers: int = 0
+    # Validate every N optimizer steps as well as at each epoch's end (None: epoch ends only).
+    eval_every_steps: Optional[int] = None
+    # Publish the weights that validated best by this metric (val_accuracy, val_macro_f1, val_loss),
+    # not the last ones; None keeps the last.
+    best_metric: Optional[str] = "val_macro_f1"
+    # Stop after this many evaluations in a row without a new best (None: never early).
+    early_stopping_patience: Optional[int] = None
     # Batches of similar lengths (flytetune/batches.py), so that little of each batch is padding.
     group_by_length: bool = True
+    # torch.compile the model for training: null (auto) compiles on CUDA only, where it pays back its
+    # compile time within minutes; on CPU the compile alone outlasts short runs.
+    compile: Optional[bool] = None
     # auto: bf16 autocast on CUDA compute capability >= 8, fp16 with a gradient scaler below (T4),
     # fp32 on CPU (flytetune/hardware.py); or fp32 | bf16 | fp16 (CUDA only).
     precision: str = "auto"
@@ -108,6 +126,9 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.per_device_batch_size is None or self.per_device_batch_size >= 1, "train.per_device_batch_size",
+               "must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
         _check(0.0 < self.learning_rate < 1.0, "train.learning_rate", "must be in (0, 1)")
         _check(self.weight_decay >= 0.0, "train.weight_decay", "must be >= 0")
@@ -118,6 +139,13 @@ class TrainConfig:
         _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         _check(self.deck_every_minutes > 0, "train.deck_every_minutes", "must be > 0")
         _check(self.log_min_gap_s >= 0, "train.log_min_gap_s", "must be >= 0")
+        _check(self.eval_every_steps is None or self.eval_every_steps >= 1, "train.eval_every_steps", "must be >= 1")
+        _check(self.best_metric in (None, "val_accuracy", "val_macro_f1", "val_loss"), "train.best_metric",
+               f"must be val_accuracy, val_macro_f1, val_loss or null, got {self.best_metric!r}")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               "train.early_stopping_patience", "must be >= 1")
+        _check(self.early_stopping_patience is None or self.best_metric is not None, "train.early_stopping_patience",
+               "needs train.best_metric (the metric that must improve)")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
                f"must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
 

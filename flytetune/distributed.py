@@ -63,6 +63,15 @@ def from_main(world: World, value: Any) -> Any:
     return box[0]
 
 
+def from_all(world: World, value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (small objects: pickled)."""
+    if not world.enabled:
+        return [value]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(world: World) -> None:
     if world.enabled:
         dist.barrier()

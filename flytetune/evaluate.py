@@ -22,22 +22,25 @@ DETAILS_FILE = "confusion_matrix.npz"
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, store: FeatureStore, batch_size: int, pad_id: int) -> np.ndarray:
-    """Logits for every example of `store`, in index order (float32, shape [n, num_labels])."""
+def predict_logits(model: torch.nn.Module, store: FeatureStore, batch_size: int, pad_id: int,
+                   indices: np.ndarray | None = None, autocast: torch.dtype | None = None) -> np.ndarray:
+    """Logits for the examples `indices` of `store` (all, by default), in that order (float32, shape
+    [n, num_labels]); the forward pass under `autocast` when given (bf16/fp16 on a GPU)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    indices = np.arange(len(store)) if indices is None else np.asarray(indices)
     # Sorting by length keeps padding (wasted compute) small; results are put back in order.
-    lengths = np.array([len(store[i]["input_ids"]) for i in range(len(store))])
-    order = np.argsort(lengths, kind="stable")
-    out = np.empty((len(store), model.config.num_labels), dtype=np.float32)
+    order = np.argsort(store.lengths()[indices], kind="stable")
+    out = np.empty((len(indices), model.config.num_labels), dtype=np.float32)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([store[int(i)] for i in idx], pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
-        out[idx] = logits.float().cpu().numpy()
+        rows = order[start:start + batch_size]
+        batch = collate([store[int(i)] for i in indices[rows]], pad_id)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+        out[rows] = logits.float().cpu().numpy()
     model.train(was_training)
     return out
 

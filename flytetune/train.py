@@ -7,6 +7,7 @@ is the same pipeline the Flyte workflow runs, without Flyte:
     python -m flytetune.train --config configs/local.yaml [--dataset_uri URI] [--set train.epochs=1]
 """
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -31,6 +32,7 @@ from flytetune.evaluate import classification_metrics, predict_logits
 from flytetune.preemption import GracefulStop, Preempted
 from flytetune.prepare import load_meta
 from flytetune.progress import Progress, count
+from flytetune.selection import BestModel
 from flytetune.storage import StorageError
 from flytetune.store import FeatureStore
 
@@ -45,14 +47,20 @@ class TrainResult:
     resumed_from: str | None = None
     initialised_from: str | None = None
     # The metrics stream, one record every `train.log_every_steps` steps and at the last step:
-    # step, epoch, loss (mean over the steps since the previous record), lr, samples_per_s and
-    # tokens_per_s (non-pad tokens) over those steps, elapsed_s (training seconds summed over
-    # attempts); on CUDA also gpu_max_mem_gib and, where NVML answers, gpu_util_pct.
+    # step, epoch, loss (mean over the steps since the previous record), lr, padding_share (of the
+    # token slots fed), samples_per_s and tokens_per_s (non-pad tokens) over those steps, elapsed_s
+    # (training seconds summed over attempts); on CUDA also gpu_max_mem_gib and, where NVML
+    # answers, gpu_util_pct.
     steps: list[dict] = field(default_factory=list)
     # The timeline, each with "event", "step" and "time" (UTC, ISO 8601): start (total_steps), resume
     # (checkpoint), checkpoint (uri, seconds), preempted (signal), end.
     events: list[dict] = field(default_factory=list)
     total_steps: int = 0
+    # The step whose weights were saved: the best by train.best_metric, else the last.
+    best_step: int | None = None
+
+
+STOP_CHECK_STEPS = 10
 
 
 def _event(kind: str, step: int, **fields) -> dict:
@@ -73,7 +81,7 @@ class StepMetrics:
         self.device, self.world_size, self.clock = device, world_size, clock
         self.started = self._window_start = clock()
         self.elapsed_before_s = elapsed_before_s
-        self._steps = self._samples = self._tokens = 0
+        self._steps = self._samples = self._tokens = self._slots = 0
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self._ask_utilisation = device.type == "cuda"
 
@@ -82,6 +90,7 @@ class StepMetrics:
         self._steps += 1
         self._samples += len(batch["labels"])
         self._tokens += int(batch["attention_mask"].sum())
+        self._slots += batch["attention_mask"].numel()
         self._loss_sum += loss
 
     def skip(self, seconds: float) -> None:
@@ -92,14 +101,15 @@ class StepMetrics:
         return self.elapsed_before_s + self.clock() - self.started
 
     def record(self, step: int, epoch: int, lr: float) -> dict:
+        loss = float(self._loss_sum)  # waits for the device: the clock then covers the window's work
         now = self.clock()
         window_s = max(now - self._window_start, 1e-9)
-        record = {"step": step, "epoch": epoch, "loss": round(float(self._loss_sum) / max(self._steps, 1), 6),
-                  "lr": lr,
+        record = {"step": step, "epoch": epoch, "loss": round(loss / max(self._steps, 1), 6), "lr": lr,
+                  "padding_share": round(1 - self._tokens / max(self._slots, 1), 4),
                   "samples_per_s": round(self._samples * self.world_size / window_s, 2),
                   "tokens_per_s": round(self._tokens * self.world_size / window_s, 1),
-                  "elapsed_s": round(self.elapsed_before_s + now - self.started, 2), **self._gpu()}
-        self._window_start, self._steps, self._samples, self._tokens = now, 0, 0, 0
+                  "elapsed_s": round(self.elapsed_before_s + now - self.started, 3), **self._gpu()}
+        self._window_start, self._steps, self._samples, self._tokens, self._slots = now, 0, 0, 0, 0
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         return record
 
@@ -274,8 +284,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     meta = load_meta(prepared_dir)
     tcfg, ccfg = cfg.train, cfg.checkpoint
     world = distributed.init()
-    if tcfg.batch_size < world.size:
-        raise ConfigError(f"train.batch_size: {tcfg.batch_size} is smaller than the {world.size} processes sharing it")
+    global_batch = global_batch_size(tcfg, world.size)
     seed_everything(tcfg.seed, tcfg.deterministic)
     device = distributed.device(world)
     hardware.configure(device)
@@ -291,7 +300,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     train_store = FeatureStore(prepared_dir / "train")
     val_store = FeatureStore(prepared_dir / "validation")
 
-    steps_per_epoch = EpochBatchSampler(len(train_store), tcfg.batch_size, 0, 0,
+    steps_per_epoch = EpochBatchSampler(len(train_store), global_batch, 0, 0,
                                         world_size=world.size).batches_per_epoch()
     total_steps = tcfg.epochs * steps_per_epoch
     if tcfg.max_steps is not None:
@@ -320,9 +329,10 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         progress.events.append(_event("resume", progress.global_step, checkpoint=source))
     else:
         progress.events.append(_event("start", 0, total_steps=total_steps))
-    log.info("training %s on %s: %d examples, %d steps (%d per epoch), device %s, %s, %d CPU threads",
-             cfg.model.backbone, prepared_dir, len(train_store), total_steps, steps_per_epoch, device,
-             precision.name, torch.get_num_threads())
+    log.info("training %s on %s: %d examples, %d steps (%d per epoch) of %d examples (%d per process in %d "
+             "micro-batch(es)), device %s, %s, %d CPU threads", cfg.model.backbone, prepared_dir, len(train_store),
+             total_steps, steps_per_epoch, global_batch, global_batch // world.size, tcfg.gradient_accumulation_steps,
+             device, precision.name, torch.get_num_threads())
 
     def saved(step: int, uri: str, seconds: float) -> None:  # in the writer's thread
         progress.events.append(_event("checkpoint", step, uri=uri, seconds=round(seconds, 2)))
@@ -330,6 +340,9 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     writer = (checkpoint.CheckpointWriter(checkpoint_dir, keep=ccfg.keep, on_saved=saved)
               if checkpoint_dir and world.is_main else None)
     train_model = distributed.wrap(model, world)
+    if tcfg.compile if tcfg.compile is not None else device.type == "cuda":
+        # dynamic: batches are padded to their own longest example, so shapes vary from step to step.
+        train_model = torch.compile(train_model, dynamic=True)
     extra = {"compat": compat_fields(cfg, meta), "config": cfg.to_dict(), "code_version": code_version()}
     metrics = StepMetrics(device, world.size, progress.elapsed_s)
 
@@ -342,7 +355,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         return checkpoint.capture(model, optimizer, scheduler, scaler, progress, extra)
 
     def result() -> TrainResult:
-        return TrainResult(global_step=progress.global_step, epochs_completed=len(progress.history),
+        return TrainResult(global_step=progress.global_step,
+                           epochs_completed=sum(1 for r in progress.history if r.get("epoch_end", True)),
                            history=list(progress.history), resumed_from=source,
                            initialised_from=str(init_from) if init_from else None,
                            steps=list(progress.steps), events=list(progress.events), total_steps=total_steps)
@@ -362,12 +376,34 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         progress.epoch_loss_sum += float(pending_loss)
         pending_loss = torch.zeros((), dtype=torch.float64, device=device)
 
+    best = BestModel(tcfg.best_metric, tcfg.early_stopping_patience, progress, writer)
+
+    def evaluate(epoch_end: bool, started: float) -> None:
+        """Validate, record it in the history, and keep the weights if they are the best so far."""
+        settle_loss()
+        validation_started = time.monotonic()
+        val = validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, meta["labels"], world,
+                       precision.autocast)
+        metrics.skip(time.monotonic() - validation_started)
+        record = {"epoch": progress.epoch, "step": progress.global_step, "epoch_end": epoch_end,
+                  "train_loss": progress.epoch_loss_sum / max(progress.epoch_batches, 1),
+                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                  "epoch_s": round(time.monotonic() - started, 2)}
+        progress.history.append(record)
+        if progress.best_val_accuracy is None or val["accuracy"] > progress.best_val_accuracy:
+            progress.best_val_accuracy = val["accuracy"]
+        new_best = best.update(record, model, lambda: writer.save(snapshot()))
+        reporter.clear()
+        log.info("epoch %d %s: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f%s", progress.epoch,
+                 "done" if epoch_end else f"step {progress.global_step}", record["train_loss"], val["loss"],
+                 val["accuracy"], val["macro_f1"], f" (best {tcfg.best_metric} so far)" if new_best else "")
+
     last_save = time.monotonic()
     try:
         with GracefulStop() as stop:
             while progress.global_step < total_steps:
                 reporter.label = f"epoch {progress.epoch}"
-                sampler = EpochBatchSampler(len(train_store), tcfg.batch_size, progress.sampler_seed,
+                sampler = EpochBatchSampler(len(train_store), global_batch, progress.sampler_seed,
                                             progress.epoch, start_batch=progress.batch_in_epoch,
                                             rank=world.rank, world_size=world.size, lengths=lengths)
                 loader = torch.utils.data.DataLoader(
@@ -382,7 +418,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 epoch_started = time.monotonic()
                 for batch in loader:
                     loss = train_step(train_model, optimizer, scheduler, batch, device, tcfg.max_grad_norm,
-                                      precision, scaler)
+                                      precision, scaler, tcfg.gradient_accumulation_steps)
                     progress.global_step += 1
                     progress.batch_in_epoch += 1
                     pending_loss += loss
@@ -397,37 +433,41 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                         reporter.detail = describe(step_record)
                     reporter.advance(report=record_due)
                     updates.due()
-                    if distributed.any_rank(world, stop.requested):
+                    # Under torchrun agreeing on a stop is an all-reduce and a host synchronisation:
+                    # every STOP_CHECK_STEPS steps (a fraction of a second of a grace period).
+                    if ((not world.enabled or progress.global_step % STOP_CHECK_STEPS == 0)
+                            and distributed.any_rank(world, stop.requested)):
                         progress.events.append(_event("preempted", progress.global_step, signal="SIGTERM"))
                         preempted = stop_gracefully(writer, snapshot, progress.global_step, ccfg.sigterm_budget_s)
                         updates.now()  # after the save: the checkpoint comes first within the grace period
                         raise preempted
                     if progress.global_step >= total_steps:
                         break
-                    if writer and _save_due(ccfg, progress.global_step, time.monotonic() - last_save):
+                    if (tcfg.eval_every_steps and progress.global_step % tcfg.eval_every_steps == 0
+                            and progress.batch_in_epoch < steps_per_epoch):  # the epoch's end validates anyway
+                        evaluate(epoch_end=False, started=epoch_started)
+                        if best.should_stop():
+                            break
+                    if (writer and writer.queued_step != progress.global_step
+                            and _save_due(ccfg, progress.global_step, time.monotonic() - last_save)):
                         writer.save(snapshot())
                         last_save = time.monotonic()
-                settle_loss()
-                validation_started = time.monotonic()
-                val = validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, meta["labels"])
-                metrics.skip(time.monotonic() - validation_started)
-                record = {"epoch": progress.epoch, "step": progress.global_step,
-                          "train_loss": progress.epoch_loss_sum / max(progress.epoch_batches, 1),
-                          "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                          "epoch_s": round(time.monotonic() - epoch_started, 2)}
-                progress.history.append(record)
-                if progress.best_val_accuracy is None or val["accuracy"] > progress.best_val_accuracy:
-                    progress.best_val_accuracy = val["accuracy"]
-                reporter.clear()
-                log.info("epoch %d done: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f",
-                         progress.epoch, record["train_loss"], val["loss"], val["accuracy"], val["macro_f1"])
+                if best.should_stop():
+                    break
+                evaluate(epoch_end=True, started=epoch_started)
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
                 progress.epoch_loss_sum, progress.epoch_batches = 0.0, 0
                 updates.now()
+                if best.should_stop():
+                    break
+            if best.should_stop():
+                log.info("early stop at step %d: no better %s in %d evaluations (best %.4f at step %d)",
+                         progress.global_step, tcfg.best_metric, progress.evals_since_best, progress.best_value,
+                         progress.best_step)
         if writer:
             # The end state too: a finished run can be continued by hand with more steps.
-            if writer.last_step != progress.global_step:
+            if writer.queued_step != progress.global_step:
                 writer.save(snapshot())
             writer.wait()
         progress.elapsed_s = metrics.elapsed_s()
@@ -439,6 +479,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
 
     trained = result()
     if world.is_main:
+        trained.best_step = best.restore(model, checkpoint_dir)
         save_model(model, tokenizer, output_dir, cfg, trained)
     return trained
 
@@ -495,34 +536,64 @@ def stop_gracefully(writer, snapshot, step: int, budget_s: float) -> Preempted:
     return Preempted(step, writer.save_now(snapshot()))
 
 
+def global_batch_size(tcfg, world_size: int) -> int:
+    """Examples per optimizer step over all processes (train.batch_size, or per_device_batch_size x
+    processes x gradient_accumulation_steps); each process must get at least one per micro-batch."""
+    if tcfg.per_device_batch_size is not None:
+        return tcfg.per_device_batch_size * world_size * tcfg.gradient_accumulation_steps
+    if tcfg.batch_size < world_size * tcfg.gradient_accumulation_steps:
+        raise ConfigError(f"train.batch_size: {tcfg.batch_size} is smaller than the {world_size} process(es) times "
+                          f"train.gradient_accumulation_steps={tcfg.gradient_accumulation_steps} sharing it")
+    return tcfg.batch_size
+
+
 def train_step(model, optimizer, scheduler, batch: dict, device: torch.device, max_grad_norm: float,
-               precision: hardware.Precision = hardware.PRECISIONS["fp32"], scaler=None) -> torch.Tensor:
-    """One optimizer step; returns the loss as a detached tensor on the device (reading it waits for the step)."""
+               precision: hardware.Precision = hardware.PRECISIONS["fp32"], scaler=None,
+               micro_batches: int = 1) -> torch.Tensor:
+    """One optimizer step on `batch`, run in `micro_batches` pieces whose gradients add up to the whole
+    batch's (each loss weighted by its share of the examples). Returns the batch's mean loss as a
+    detached tensor on the device: reading it waits for the step."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=precision.autocast, enabled=precision.autocast is not None):
-        loss = model(**batch).loss
+    total = len(batch["labels"])
+    split = {k: torch.tensor_split(v, min(micro_batches, total)) for k, v in batch.items()}
+    pieces = [{k: parts[i] for k, parts in split.items()} for i in range(min(micro_batches, total))]
+    loss = torch.zeros((), device=device)
+    for i, piece in enumerate(pieces):
+        # DDP reduces gradients on the last piece only.
+        quiet = model.no_sync() if i < len(pieces) - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with quiet:
+            with torch.autocast(device.type, dtype=precision.autocast, enabled=precision.autocast is not None):
+                piece_loss = model(**piece).loss * (len(piece["labels"]) / total)
+            (scaler.scale(piece_loss) if scaler is not None else piece_loss).backward()
+        loss += piece_loss.detach().float()
     if scaler is None:
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
     else:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         scaler.step(optimizer)  # skipped when the scaled gradients overflowed
         scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
-def validate(model, store: FeatureStore, batch_size: int, pad_id: int, labels: list[str]) -> dict:
-    logits = predict_logits(model, store, batch_size, pad_id)
-    y_true = store.labels()
-    log_probs = torch.log_softmax(torch.from_numpy(logits), dim=-1)
-    loss = float(torch.nn.functional.nll_loss(log_probs, torch.from_numpy(y_true)))
-    metrics = classification_metrics(y_true, logits.argmax(axis=1), labels)
-    return {"loss": loss, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+def validate(model, store: FeatureStore, batch_size: int, pad_id: int, labels: list[str],
+             world: distributed.World | None = None, autocast: torch.dtype | None = None) -> dict:
+    """Validation loss, accuracy and macro-F1; under torchrun each process predicts every world-th
+    example and the predictions are gathered, so validating takes 1/world of the time."""
+    world = world or distributed.World()
+    indices = np.arange(world.rank, len(store), world.size)
+    logits = torch.from_numpy(predict_logits(model, store, batch_size, pad_id, indices, autocast))
+    y_true = torch.from_numpy(store.labels()[indices])
+    nll = torch.nn.functional.cross_entropy(logits, y_true, reduction="none").numpy()
+    parts = distributed.from_all(world, (indices, logits.argmax(dim=1).numpy(), nll))
+    order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+    predicted, losses = (np.concatenate([p[k] for p in parts])[order] for k in (1, 2))
+    metrics = classification_metrics(store.labels(), predicted, labels)
+    return {"loss": float(losses.astype(np.float64).mean()), "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"]}
 
 
 def save_model(model, tokenizer, output_dir: Path, cfg: FinetuneConfig, result: TrainResult) -> None:
@@ -537,7 +608,8 @@ def save_model(model, tokenizer, output_dir: Path, cfg: FinetuneConfig, result: 
     (output_dir / "finetune_config.yaml").write_text(cfg.to_yaml())
     history = {"global_step": result.global_step, "epochs_completed": result.epochs_completed,
                "history": result.history, "init_from": result.initialised_from,
-               "steps": result.steps, "events": result.events}
+               "steps": result.steps, "events": result.events, "best_step": result.best_step,
+               "best_metric": cfg.train.best_metric}
     (output_dir / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")
 
 

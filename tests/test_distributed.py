@@ -8,6 +8,7 @@ the single-process run of the same global batch.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,13 @@ def train(tmp: Path, backbone: Path, name: str, nproc: int, *extra: str) -> tupl
 
 def test_torchrun_two_processes_checkpoint_resume_and_match_single_process(tmp_path, no_dropout_backbone):
     tiny_backbone = no_dropout_backbone
-    single, _ = train(tmp_path, tiny_backbone, "single", 1)
+    single, single_output = train(tmp_path, tiny_backbone, "single", 1)
     ddp, output = train(tmp_path, tiny_backbone, "ddp", 2)
+    # Each process validates half of the rows; gathered, they score the whole validation split.
+    pattern = r"val_loss (\S+) val_accuracy (\S+) val_macro_f1 (\S+)"
+    scores = [[tuple(map(float, line)) for line in re.findall(pattern, o)] for o in (single_output, output)]
+    assert len(scores[0]) == 1 and len(scores[1]) == 2, "one line per process"
+    assert scores[1][0] == scores[1][1] and scores[1][0] == pytest.approx(scores[0][0], abs=1e-4), scores
 
     # Only rank 0 writes: each checkpoint is saved once, and one run folder is published.
     saves = [line for line in output.splitlines() if "flytetune.checkpoint: checkpoint" in line]

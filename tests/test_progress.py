@@ -214,7 +214,8 @@ def test_fit_records_the_metrics_stream_and_the_timeline(tmp_path, prepared_tiny
 
     assert [r["step"] for r in result.steps] == [2, 4, 5], "every log_every_steps steps, and the last step"
     for record in result.steps:
-        assert set(record) == {"step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "elapsed_s"}
+        assert set(record) == {"step", "epoch", "loss", "lr", "padding_share", "samples_per_s", "tokens_per_s",
+                               "elapsed_s"}
         assert record["epoch"] == 0 and record["loss"] > 0 and record["samples_per_s"] > 0
     assert [r["lr"] for r in result.steps] == sorted((r["lr"] for r in result.steps), reverse=True)
     assert result.steps[0]["elapsed_s"] < result.steps[1]["elapsed_s"] < result.steps[2]["elapsed_s"]
@@ -224,6 +225,8 @@ def test_fit_records_the_metrics_stream_and_the_timeline(tmp_path, prepared_tiny
     real_tokens = sum(len(store[i]["input_ids"]) for batch in batches for i in batch)
     per_example = result.steps[0]["tokens_per_s"] / result.steps[0]["samples_per_s"]
     assert per_example == pytest.approx(real_tokens / 32, rel=0.01)
+    slots = sum(16 * max(len(store[i]["input_ids"]) for i in batch) for batch in batches)
+    assert result.steps[0]["padding_share"] == pytest.approx(1 - real_tokens / slots, abs=1e-4)
 
     events = [(e["event"], e["step"]) for e in result.events]
     assert events == [("start", 0), ("checkpoint", 2), ("checkpoint", 4), ("checkpoint", 5), ("end", 5)]
