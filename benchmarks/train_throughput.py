@@ -338,6 +338,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default 30 on CPU, 200 on CUDA)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 5 on CPU, 20 on CUDA)")
     parser.add_argument("--lengths", choices=sorted(LENGTHS), default="short")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a flytetune config override for its contender, e.g. train.precision=bf16 (repeatable)")
     args = parser.parse_args()
     require_accelerate()
     quiet_transformers()
@@ -370,6 +372,10 @@ def main() -> int:
         mean_len = meta["profile"]["token_length"]["train"]["mean"]
         results["Trainer defaults"] = run_trainer(prepared, cfg, labels, device, warmup, steps, False, tmp / "t0")
         results["Trainer tuned"] = run_trainer(prepared, cfg, labels, device, warmup, steps, True, tmp / "t1")
+        if args.set:
+            from flytetune.config import load_config
+
+            cfg = load_config(cfg.to_dict(), args.set)
         results["flytetune fit"] = run_flytetune(prepared, cfg, device, warmup, steps, tmp / "fit")
     peak = bf16_peak_flops(device) if device.type == "cuda" else None
 

@@ -42,9 +42,16 @@ def test_cpu_threads_follow_the_pods_limit_not_the_nodes_cores(tmp_path, monkeyp
     assert hardware.cpu_threads(cgroup(tmp_path / "a", {})) == 2
 
 
-def test_precision_per_device():
+def test_precision_per_device(tmp_path):
     cpu = torch.device("cpu")
-    assert hardware.choose_precision("auto", cpu).name == "fp32"
+    zen4, older, graviton3 = (tmp_path / "zen4", tmp_path / "older", tmp_path / "graviton3")
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    older.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    graviton3.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert hardware.choose_precision("auto", cpu, zen4).name == "bf16"
+    assert hardware.choose_precision("auto", cpu, graviton3).name == "bf16"
+    assert hardware.choose_precision("auto", cpu, older).name == "fp32"
+    assert hardware.choose_precision("auto", cpu, tmp_path / "missing").name == "fp32"
     assert hardware.choose_precision("bf16", cpu) == hardware.Precision("bf16", torch.bfloat16, False)
     with pytest.raises(ConfigError, match="train.precision: fp16 needs a CUDA device"):
         hardware.choose_precision("fp16", cpu)
