@@ -22,8 +22,11 @@ class BestModel:
     """Tracks the best evaluation in `progress` (it travels with checkpoints) and its weights."""
 
     def __init__(self, metric: str | None, patience: int | None, progress: checkpoint.TrainingProgress,
-                 writer: checkpoint.CheckpointWriter | None):
+                 writer: checkpoint.CheckpointWriter | None, keep_weights: bool = True):
+        """`keep_weights`: False on the processes that do not save the model (torchrun ranks above 0):
+        they only track the metric, to stop early together."""
         self.metric, self.patience, self.progress, self.writer = metric, patience, progress, writer
+        self.keep_weights = keep_weights
         self._in_memory: dict[str, torch.Tensor] | None = None
         if writer is not None:
             writer.protected_step = progress.best_step
@@ -43,7 +46,7 @@ class BestModel:
             self.writer.protected_step = record["step"]
             if self.writer.queued_step != record["step"]:
                 save()
-        else:
+        elif self.keep_weights:
             self._in_memory = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return True
 

@@ -377,7 +377,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         progress.epoch_loss_sum += float(pending_loss)
         pending_loss = torch.zeros((), dtype=torch.float64, device=device)
 
-    best = BestModel(tcfg.best_metric, tcfg.early_stopping_patience, progress, writer)
+    best = BestModel(tcfg.best_metric, tcfg.early_stopping_patience, progress, writer, keep_weights=world.is_main)
 
     def evaluate(epoch_end: bool, started: float) -> None:
         """Validate, record it in the history, and keep the weights if they are the best so far."""

@@ -63,3 +63,29 @@ def test_a_compiled_model_trains_and_its_checkpoint_resumes_uncompiled(tmp_path,
                                                                           "train.max_steps=4"]),
                   checkpoint_dir=str(tmp_path / "ckpt"))
     assert resumed.resumed_from.endswith("step-000002") and resumed.global_step == 4
+
+
+def test_the_fp16_path_scales_steps_and_its_scaler_travels_in_the_checkpoint(prepared_tiny, tiny_backbone):
+    """T4's path (fp16 autocast, gradient scaler), run on CPU: CI has no GPU."""
+    from flytetune import checkpoint
+    from flytetune.hardware import PRECISIONS
+
+    store = FeatureStore(prepared_tiny / "train")
+    batch = collate([store[i] for i in range(8)], pad_id=0)
+    cfg = load_config(TINY_CONFIG, [f"model.backbone={tiny_backbone}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, [str(i) for i in range(int(store.labels().max()) + 1)])
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    loss = train_step(model, optimizer, scheduler, batch, torch.device("cpu"), 1.0, PRECISIONS["fp16"], scaler,
+                      micro_batches=2)
+    assert torch.isfinite(loss) and scaler.get_scale() == 2.0**16, "no overflow: the step was taken"
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    scaler.update(1024.0)  # as after overflows
+    snap = checkpoint.capture(model, optimizer, scheduler, scaler, checkpoint.TrainingProgress(global_step=1), {})
+    fresh = torch.amp.GradScaler("cpu")
+    restored = checkpoint.Restored(uri="mem", model=snap.model, optimizer=snap.optimizer, rng=snap.rng,
+                                   state=snap.state)
+    checkpoint.restore_into(restored, model, optimizer, scheduler, fresh)
+    assert fresh.get_scale() == 1024.0
