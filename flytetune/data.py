@@ -8,7 +8,7 @@ file fails in the cheap CPU step, long before a GPU is requested.
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -181,15 +181,88 @@ def read_table(path: Path, name: str | None = None) -> pl.DataFrame:
 def _check_utf8(path: Path, name: str) -> None:
     # polars would either fail with a byte offset deep in its parser or, with lossy decoding,
     # silently train on replacement characters; a line number is what a person can act on.
-    raw = path.read_bytes()
+    # Read in blocks: a file of tens of millions of rows is never held whole.
+    start, lines, tail = 0, 0, b""  # start: the file offset of data[0]
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_UTF8_BLOCK)
+            data = tail + block
+            if not data:
+                return
+            try:
+                data.decode("utf-8")
+                good, tail = data, b""
+            except UnicodeDecodeError as e:
+                if not (block and e.reason == "unexpected end of data"):
+                    bad = data[e.start:e.start + 4]
+                    bad += f.read(4 - len(bad)) if len(bad) < 4 else b""
+                    line = lines + data.count(b"\n", 0, e.start) + 1
+                    raise DataError(
+                        f"{name}: not valid UTF-8 at byte {start + e.start} (line {line}): {bad!r}; "
+                        "re-encode the file as UTF-8"
+                    ) from None
+                # A character cut at the end of the block: decoded with the next one.
+                good, tail = data[:e.start], data[e.start:]
+            lines += good.count(b"\n")
+            start += len(good)
+
+
+_UTF8_BLOCK = 16 << 20
+
+
+def table_files(path: Path) -> list[Path]:
+    """The data files of `path`: itself, or for a folder its data files (parquet parts, say), sorted by name."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in READERS)
+
+
+def iter_table(path: Path, name: str | None = None, chunk_rows: int = 100_000) -> Iterator[pl.DataFrame]:
+    """The rows of a CSV, parquet or JSON lines file, or of a folder of such files (its parts, read in
+    name order), as frames of at most `chunk_rows` rows, read lazily: memory does not grow with the file.
+
+    Raises the DataErrors of `read_table`, naming `name` (default: the path)."""
+    path = Path(path)
+    name = name or str(path)
+    if not path.exists():
+        raise DataError(f"{name}: no such file")
+    files = table_files(path)
+    if path.is_dir() and not files:
+        raise DataError(f"{name}: is a directory with no CSV, parquet or JSON lines files")
+    kinds = set()
+    for file in files:
+        kind = READERS.get(file.suffix.lower())
+        if kind is None:
+            raise DataError(f"{name}: unsupported file type {file.suffix!r}; use one of {', '.join(READERS)}")
+        if file.stat().st_size == 0:
+            raise DataError(f"{name}: file is empty" if file == path else f"{name}: {file.name} is empty")
+        kinds.add(kind)
+    if len(kinds) > 1:
+        raise DataError(f"{name}: data files must all be of one type; found {', '.join(sorted(kinds))}")
+    (kind,) = kinds
+    if kind in ("csv", "ndjson"):
+        for file in files:
+            _check_utf8(file, name)
+    rows = 0
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{name}: not valid UTF-8 at byte {e.start} (line {line}): {raw[e.start:e.start + 4]!r}; "
-            "re-encode the file as UTF-8"
-        ) from None
+        for file in files:
+            if kind == "csv":
+                frame = pl.scan_csv(file, infer_schema_length=10_000)
+            elif kind == "ndjson":
+                frame = pl.scan_ndjson(file)
+            else:
+                frame = pl.scan_parquet(file)
+            for batch in frame.collect_batches(chunk_size=chunk_rows, maintain_order=True):
+                for piece in batch.iter_slices(chunk_rows):
+                    if piece.height:
+                        rows += piece.height
+                        yield piece
+    except (pl.exceptions.PolarsError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{name}: cannot be read as {kind}: {first_line}") from None
+    if rows == 0:
+        raise DataError(f"{name}: has a header but no rows")
 
 
 def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: int | None = None,
@@ -276,7 +349,12 @@ def _check_type(df: pl.DataFrame, source: str, role: str, column: str, allowed: 
 
 def require_classes(df: pl.DataFrame, source: str, cfg: DataConfig) -> None:
     """A classifier needs at least two classes; one would train a regression head with accuracy 1.0."""
-    labels = df.get_column(LABEL).unique().sort().to_list()
+    require_labels(df.get_column(LABEL).unique().to_list(), source, cfg)
+
+
+def require_labels(labels: Sequence[str], source: str, cfg: DataConfig) -> None:
+    """`require_classes` given the distinct labels."""
+    labels = sorted(labels)
     if len(labels) < 2:
         found = f"only class {labels[0]!r}" if labels else "no class"
         raise DataError(
@@ -296,10 +374,18 @@ def subsample(df: pl.DataFrame, cfg: DataConfig, source: str) -> pl.DataFrame:
     `validate` demands of the full data, so that every split still gets each class). Raises
     DataError when the classes alone need more than `max_rows`.
     """
-    max_rows, min_per_class = cfg.max_rows, cfg.min_examples_per_class
+    max_rows = cfg.max_rows
     if max_rows is None or df.height <= max_rows:
         return df
-    groups = [group for _, group in df.group_by(LABEL, maintain_order=True)]
+    groups = [group.get_column(_ROW).to_numpy() for _, group in df.group_by(LABEL, maintain_order=True)]
+    keep = subsample_rows(groups, cfg, source)
+    return df.filter(pl.col(_ROW).is_in(np.concatenate(keep).tolist()))
+
+
+def subsample_rows(groups: list[np.ndarray], cfg: DataConfig, source: str) -> list[np.ndarray]:
+    """`subsample` on row numbers: `groups` holds each class's rows (classes in order of first appearance,
+    rows in file order) and there are more than `cfg.max_rows` rows; returns the rows kept of each class."""
+    max_rows, min_per_class = cfg.max_rows, cfg.min_examples_per_class
     floor_rows = len(groups) * min_per_class
     if floor_rows > max_rows:
         raise DataError(
@@ -307,7 +393,7 @@ def subsample(df: pl.DataFrame, cfg: DataConfig, source: str) -> pl.DataFrame:
             f"data.min_examples_per_class={min_per_class} (needs at least {floor_rows}); "
             "raise data.max_rows or set it to null"
         )
-    sizes = np.array([group.height for group in groups], dtype=np.float64)
+    sizes = np.array([len(group) for group in groups], dtype=np.float64)
     # Each class gets its share of max_rows, but never fewer than min_per_class rows (validate() made
     # sure it has them): pin the classes whose share falls short and share the rest among the others.
     pinned = np.zeros(len(groups), dtype=bool)
@@ -324,12 +410,9 @@ def subsample(df: pl.DataFrame, cfg: DataConfig, source: str) -> pl.DataFrame:
     leftover = max_rows - int(quota.sum())
     quota[np.argsort(-(share - quota), kind="stable")[:leftover]] += 1
     rng = np.random.default_rng(cfg.split_seed)
-    keep = [
-        rng.choice(group.get_column(_ROW).to_numpy(), size=int(n), replace=False)
-        for group, n in zip(groups, quota, strict=True)
-    ]
-    log.info("%s: kept %d of %d rows (data.max_rows)", source, max_rows, df.height)
-    return df.filter(pl.col(_ROW).is_in(np.concatenate(keep).tolist()))
+    keep = [rng.choice(group, size=int(n), replace=False) for group, n in zip(groups, quota, strict=True)]
+    log.info("%s: kept %d of %d rows (data.max_rows)", source, max_rows, int(sizes.sum()))
+    return keep
 
 
 def stratified_split(df: pl.DataFrame, fractions: Sequence[float], seed: int) -> list[pl.DataFrame]:

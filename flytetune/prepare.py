@@ -2,11 +2,21 @@
 
 The output folder is self-describing: `train/`, `validation/`, `test/` (lmdb stores),
 `tokenizer/`, `test_texts.parquet`, and `meta.json`, which is written last and marks the folder complete.
+
+Memory stays flat however many rows come in (flytetune/prepare_stream.py): the table is read in
+chunks twice. The first pass validates and keeps 12 bytes a row (a hash of the text, a label code),
+enough to find duplicates and conflicting labels across the whole table, subsample and split it; the
+second reads the rows of each split again, tokenises them in batches in one process per core, and
+streams them into that split's store. Inside a store, examples keep the order of the file (training
+draws its own order each epoch, flytetune/batches.py); `test_texts.parquet` follows the test store.
 """
 
 import json
 import logging
 import os
+import shutil
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +28,23 @@ from flytetune.data import (
     LABEL,
     TEXT,
     DataError,
+    iter_table,
     load_sources,
-    read_table,
-    require_classes,
-    stratified_split,
-    subsample,
-    validate,
+    require_labels,
+    subsample_rows,
+    table_files,
+)
+from flytetune.prepare_stream import (
+    CHUNK_ROWS,
+    POSITION,
+    Reorder,
+    Scanned,
+    Tokenize,
+    class_rows,
+    scan,
+    select,
+    split_rows,
+    text_batches,
 )
 from flytetune.storage.checksums import file_sha256
 from flytetune.store import write_store
@@ -34,11 +55,18 @@ SPLITS = ("train", "validation", "test")
 META = "meta.json"
 # The test split as text (text, label), for the evaluation gate (flytetune/gate.py).
 TEST_TEXTS = "test_texts.parquet"
+# Fewer rows than this are tokenised in this process: worker processes take longer to start.
+POOL_MIN_ROWS = 50_000
 
 
-def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
+def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig, *, chunk_rows: int = CHUNK_ROWS,
+            workers: int | None = None) -> dict:
     """Validate and split the dataset copied to `raw_dir` (and its test file, if any), tokenise once,
     and write `out_dir`. Returns the metadata that is also written to `out_dir/meta.json`.
+
+    A source's file may be a folder of data files (parquet parts, say): they are read as one table,
+    in name order. `chunk_rows`: rows read at a time. `workers`: tokenizer processes (default: one per
+    core for large inputs, none for small ones; 0 tokenises in this process).
     """
     out_dir, raw_dir = Path(out_dir), Path(raw_dir)
     if (out_dir / META).exists():
@@ -48,37 +76,50 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
     if "test" not in sources and data_cfg.test_fraction == 0:
         # Checked here, not in the config: only this step knows whether a test file was given.
         raise ConfigError("data.test_fraction: is 0 but no test file was given; set it above 0 or give test_uri")
-    dataset_path, dataset_name = raw_dir / sources["dataset"]["file"], sources["dataset"]["uri"]
-    checks = {"dataset": {}}
-    frame = validate(read_table(dataset_path, dataset_name), dataset_name, data_cfg, report=checks["dataset"])
-    valid_rows = frame.height
-    frame = subsample(frame, data_cfg, dataset_name)
-    require_classes(frame, dataset_name, data_cfg)
-    labels = sorted(frame.get_column(LABEL).unique().to_list())
 
+    def read(role: str) -> Iterator[pl.DataFrame]:
+        return iter_table(raw_dir / sources[role]["file"], sources[role]["uri"], chunk_rows)
+
+    dataset_name = sources["dataset"]["uri"]
+    checks = {"dataset": {}}
+    data = scan(read("dataset"), dataset_name, data_cfg, report=checks["dataset"])
+    valid_rows = int(data.keep.sum())
+    selected = data.keep
+    if data_cfg.max_rows is not None and valid_rows > data_cfg.max_rows:
+        kept = subsample_rows(class_rows(data, data.keep), data_cfg, dataset_name)
+        selected = np.zeros(data.rows, dtype=bool)
+        selected[np.concatenate(kept)] = True
+    kept_rows = int(selected.sum())
+    labels = sorted(_counts(data, selected))
+    require_labels(labels, dataset_name, data_cfg)
+
+    # Per split: the table its rows come from, and which rows of it.
+    chosen: dict[str, tuple[str, Scanned, np.ndarray, np.ndarray]] = {}
     if "test" in sources:
-        test_path, test_name = raw_dir / sources["test"]["file"], sources["test"]["uri"]
+        test_name = sources["test"]["uri"]
         # A held-out test file may legitimately hold few examples of a class.
         checks["test"] = {}
-        test = validate(read_table(test_path, test_name), test_name, data_cfg, min_per_class=1, report=checks["test"])
-        unknown = sorted(set(test.get_column(LABEL).unique().to_list()) - set(labels))
+        test = scan(read("test"), test_name, data_cfg, min_per_class=1, report=checks["test"])
+        unknown = sorted(set(_counts(test, test.keep)) - set(labels))
         if unknown:
             raise DataError(
                 f"{test_name}: column {data_cfg.label_column!r} has label(s) not in the training data "
                 f"{dataset_name}: {', '.join(map(repr, unknown[:5]))}"
             )
-        train, validation = stratified_split(frame, [data_cfg.validation_fraction], data_cfg.split_seed)
-        overlap = _warn_overlap(train, test, test_name)
+        part, position = split_rows(data, selected, [data_cfg.validation_fraction], data_cfg.split_seed)
+        chosen["test"] = ("test", test, test.keep, np.cumsum(test.keep) - 1)  # the file's order
+        overlap = _warn_overlap(data.hashes[part == 0], test.hashes[test.keep], test_name)
         if overlap:
             checks["test"]["warnings"].append(overlap)
     else:
-        train, validation, test = stratified_split(
-            frame, [data_cfg.validation_fraction, data_cfg.test_fraction], data_cfg.split_seed
-        )
-
-    splits = dict(zip(SPLITS, (train, validation, test), strict=True))
-    for name, split in splits.items():
-        if split.height == 0:
+        part, position = split_rows(data, selected, [data_cfg.validation_fraction, data_cfg.test_fraction],
+                          data_cfg.split_seed)
+        chosen["test"] = ("dataset", data, part == 2, position)
+    chosen["train"] = ("dataset", data, part == 0, position)
+    chosen["validation"] = ("dataset", data, part == 1, position)
+    chosen = {name: chosen[name] for name in SPLITS}
+    for name, (_, _, rows, _) in chosen.items():
+        if not rows.any():
             raise DataError(f"{dataset_name}: the {name} split is empty; check data.test_fraction and "
                             "data.validation_fraction")
 
@@ -90,22 +131,31 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
     label2id = {label: i for i, label in enumerate(labels)}
+    total = sum(int(rows.sum()) for _, _, rows, _ in chosen.values())
+    workers = (None if total >= POOL_MIN_ROWS else 0) if workers is None else workers
     rows, truncated, lengths = {}, {}, {}
-    for name, split in splits.items():
-        texts = split.get_column(TEXT).to_list()
-        encoded = tokenizer(texts, truncation=True, max_length=data_cfg.max_length)["input_ids"]
-        truncated[name] = sum(len(ids) >= data_cfg.max_length for ids in encoded)
-        lengths[name] = np.array([len(ids) for ids in encoded], dtype=np.int64)
-        ids = [label2id[label] for label in split.get_column(LABEL).to_list()]
-        rows[name] = write_store(out_dir / name, zip(encoded, ids, strict=True))
+    spill = out_dir / ".spill"  # tokenised rows on their way into split order
+    texts_dir = spill / TEST_TEXTS
+    with Tokenize(tokenizer, data_cfg.max_length, workers) as tokenize:
+        for name, (role, _, which, position) in chosen.items():
+            frames = text_batches(select(read(role), which, position, data_cfg))
+            reorder = Reorder(spill / name, int(which.sum()))
+            try:
+                counts = _tokenise(frames, tokenize, label2id, reorder, texts_dir if name == "test" else None)
+                rows[name] = write_store(out_dir / name, reorder.rows())
+            finally:
+                reorder.close()
+            lengths[name] = counts.astype(np.int64)
+            truncated[name] = int((lengths[name] >= data_cfg.max_length).sum())
     # Raw texts of the test split: the gate scores production's model on them with its own tokenizer.
-    splits["test"].select(TEXT, LABEL).write_parquet(out_dir / TEST_TEXTS)
+    _write_in_order(sorted(texts_dir.glob("*.parquet")), reorder.bucket_rows, out_dir / TEST_TEXTS)
+    shutil.rmtree(spill)
 
     meta = {
         "rows": rows,
         "labels": labels,
         "label2id": label2id,
-        "class_counts": {name: _class_counts(split) for name, split in splits.items()},
+        "class_counts": {name: _counts(table, which) for name, (_, table, which, _) in chosen.items()},
         "text_column": data_cfg.text_column,
         "label_column": data_cfg.label_column,
         "tokenizer": cfg.model.backbone,
@@ -115,14 +165,53 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
         "sources": [source["uri"] for source in sources.values()],
         # Which dated export a prefix resolved to (flytetune/exports.py).
         "exports": {role: source["export"] for role, source in sources.items() if "export" in source},
-        "dataset_sha256": file_sha256(*(raw_dir / source["file"] for source in sources.values())),
+        "dataset_sha256": file_sha256(*(file for source in sources.values()
+                                        for file in table_files(raw_dir / source["file"]))),
         "test_source": "test_uri" if "test" in sources else "split",
         # What the Dataset profile Deck shows; not read by training.
-        "profile": _profile(lengths, data_cfg.max_length, checks, valid_rows, frame.height),
+        "profile": _profile(lengths, data_cfg.max_length, checks, valid_rows, kept_rows),
     }
     _write_json_atomic(out_dir / META, meta)
     log.info("prepared %s: %s rows, %d classes", out_dir, rows, len(labels))
     return meta
+
+
+def _tokenise(frames: Iterator[pl.DataFrame], tokenize: Tokenize, label2id: dict[str, int], reorder: Reorder,
+              texts_dir: Path | None) -> np.ndarray:
+    """Tokenise every row of `frames` into `reorder`; with `texts_dir`, each batch's (text, label, position)
+    goes to a parquet part there. Returns every row's token count."""
+    held: deque[pl.DataFrame] = deque()  # batches handed to the tokenizer, not yet back
+    lengths = []
+
+    def texts() -> Iterator[list[str]]:
+        for frame in frames:
+            held.append(frame)
+            yield frame.get_column(TEXT).to_list()
+
+    if texts_dir is not None:
+        texts_dir.mkdir(parents=True, exist_ok=True)
+    for i, (flat, counts) in enumerate(tokenize.map(texts())):
+        frame = held.popleft()
+        lengths.append(counts)
+        if texts_dir is not None:
+            frame.write_parquet(texts_dir / f"{i:08d}.parquet")
+        labels = frame.get_column(LABEL).replace_strict(label2id, return_dtype=pl.Int32).to_numpy()
+        reorder.add(frame.get_column(POSITION).to_numpy(), flat, counts, labels)
+    return np.concatenate(lengths)
+
+
+def _write_in_order(parts: list[Path], bucket_rows: int, path: Path) -> None:
+    """(text, label) of the parquet `parts`, in POSITION order, to `path`; a bucket of positions at a time."""
+    scanned = pl.scan_parquet(parts)
+    total = scanned.select(pl.len()).collect().item()
+    ordered = []
+    for b, start in enumerate(range(0, total, bucket_rows)):
+        ordered.append(path.with_name(f".{path.name}.{b:06d}"))
+        (scanned.filter(pl.col(POSITION).is_between(start, start + bucket_rows, closed="left"))
+         .collect().sort(POSITION).select(TEXT, LABEL).write_parquet(ordered[-1]))
+    pl.scan_parquet(ordered).sink_parquet(path)
+    for part in ordered:
+        part.unlink()
 
 
 def load_meta(prepared_dir: Path) -> dict:
@@ -132,13 +221,15 @@ def load_meta(prepared_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _class_counts(split: pl.DataFrame) -> dict[str, int]:
-    return dict(sorted(split.group_by(LABEL).len().iter_rows()))
+def _counts(table: Scanned, which: np.ndarray) -> dict[str, int]:
+    """Rows per label among the chosen rows, by label; labels without rows left out."""
+    counts = np.bincount(table.codes[which], minlength=len(table.names))
+    return dict(sorted((name, int(n)) for name, n in zip(table.names, counts, strict=True) if n))
 
 
-def _warn_overlap(train: pl.DataFrame, test: pl.DataFrame, source: str) -> str | None:
-    """The warning logged when test texts also appear in the training data, or None."""
-    overlap = test.join(train.select(TEXT), on=TEXT, how="semi").height
+def _warn_overlap(train: np.ndarray, test: np.ndarray, source: str) -> str | None:
+    """The warning logged when test texts (hashes) also appear in the training data, or None."""
+    overlap = int(np.isin(test, train).sum())
     if not overlap:
         return None
     message = f"{source}: {overlap} test text(s) also appear in the training data; test metrics are optimistic"

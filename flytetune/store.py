@@ -10,11 +10,15 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lmdb
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 _KEY = struct.Struct(">Q")  # big-endian so that lmdb's byte order is index order
 _LABEL = struct.Struct("<i")
@@ -22,14 +26,42 @@ _TOKEN = np.dtype("<i4")
 
 
 def _encode(label: int, input_ids: Iterable[int]) -> bytes:
-    return _LABEL.pack(label) + np.asarray(list(input_ids), dtype=_TOKEN).tobytes()
+    if not isinstance(input_ids, (list, tuple, np.ndarray)):
+        input_ids = list(input_ids)
+    return _LABEL.pack(label) + np.asarray(input_ids, dtype=_TOKEN).tobytes()
+
+
+# write_store commits every WRITE_BATCH examples or WRITE_BATCH_BYTES of values, whichever comes
+# first: memory stays bounded by one batch however many examples stream through.
+WRITE_BATCH = 50_000
+WRITE_BATCH_BYTES = 32 << 20
+_INITIAL_MAP_SIZE = 64 << 20
+# Per-record overhead of lmdb pages and B-tree nodes, on top of key and value (generous).
+_RECORD_OVERHEAD = 64
+
+
+def _chunks(examples: Iterable[tuple[Iterable[int], int]]) -> Iterator[list[bytes]]:
+    """Encoded records in lists of at most WRITE_BATCH records / about WRITE_BATCH_BYTES."""
+    chunk: list[bytes] = []
+    size = 0
+    for ids, label in examples:
+        record = _encode(label, ids)
+        chunk.append(record)
+        size += len(record)
+        if len(chunk) >= WRITE_BATCH or size >= WRITE_BATCH_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def write_store(path: Path, examples: Iterable[tuple[Iterable[int], int]]) -> int:
     """Write (input_ids, label) pairs to a new store at `path`; returns the number written.
 
-    The store is built in a temporary folder beside `path` and renamed into place, so a store
-    that exists is always complete.
+    `examples` is consumed once, lazily (a generator of any length will do): records are
+    committed in bounded batches, keys 0..n-1 in order, and lmdb's map grows as needed, so
+    memory stays flat. The store is built in a temporary folder beside `path`, synced, and
+    renamed into place, so a store that exists is always complete.
     """
     path = Path(path)
     if path.exists():
@@ -37,21 +69,35 @@ def write_store(path: Path, examples: Iterable[tuple[Iterable[int], int]]) -> in
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        records = [_encode(label, ids) for ids, label in examples]
-        # lmdb needs its maximum size up front; pages and B-tree overhead stay well under 2x.
-        map_size = max(1 << 20, 2 * sum(len(r) + 64 for r in records))
-        env = lmdb.open(str(tmp), map_size=map_size, subdir=True, sync=True, metasync=True)
+        # No sync per commit: nothing reads the temporary store; one sync before the rename suffices.
+        env = lmdb.open(str(tmp), map_size=_INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False)
         try:
-            with env.begin(write=True) as txn:
-                for i, record in enumerate(records):
-                    txn.put(_KEY.pack(i), record, append=True)
+            count = 0
+            map_size, used = _INITIAL_MAP_SIZE, 0
+            for chunk in _chunks(examples):
+                used += sum(len(r) + _KEY.size + _RECORD_OVERHEAD for r in chunk)
+                # lmdb needs room for the whole map up front: keep it at twice what is written.
+                if 2 * used > map_size:
+                    map_size = max(2 * map_size, 2 * used)
+                    env.set_mapsize(map_size)
+                while True:
+                    try:
+                        with env.begin(write=True) as txn:
+                            for i, record in enumerate(chunk, start=count):
+                                txn.put(_KEY.pack(i), record, append=True)
+                        break
+                    except lmdb.MapFullError:  # the estimate fell short: grow and retry this batch
+                        map_size *= 2
+                        env.set_mapsize(map_size)
+                count += len(chunk)
+            env.sync(True)
         finally:
             env.close()
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return len(records)
+    return count
 
 
 # One environment per store per process: lmdb refuses a second open of the same path in a
@@ -100,6 +146,35 @@ class FeatureStore:
             raise KeyError(index)
         (label,) = _LABEL.unpack_from(value)
         return {"input_ids": np.frombuffer(value, dtype=_TOKEN, offset=_LABEL.size), "label": label}
+
+    def batch(self, indices: Sequence[int], pad_id: int) -> "dict[str, torch.Tensor]":
+        """The examples at `indices` read in one transaction and padded to the longest of them:
+        exactly what `flytetune.batches.collate([self[i] for i in indices], pad_id)` returns
+        (int64 input_ids, attention_mask and labels), without per-example tensor work."""
+        import torch  # here, not at the top: writing a store (prepare) needs no torch
+
+        if len(indices) == 0:
+            raise ValueError("an empty batch")
+        if min(indices) < 0 or max(indices) >= len(self):
+            raise KeyError(next(i for i in indices if not 0 <= i < len(self)))
+        with _environment(self.path).begin(buffers=False) as txn:
+            values = list(map(txn.get, map(_KEY.pack, indices)))
+        if None in values:
+            raise KeyError(indices[values.index(None)])
+        # One buffer of int32 words: each example is its label followed by its tokens.
+        words = np.fromiter(map(len, values), dtype=np.int64, count=len(values)) // _TOKEN.itemsize
+        flat = np.frombuffer(b"".join(values), dtype=_TOKEN)
+        starts = np.cumsum(words) - words
+        lengths = words - 1
+        tokens = np.ones(len(flat), dtype=bool)
+        tokens[starts] = False
+        # Row-major boolean assignment fills each row's first `length` slots with its tokens, in order.
+        mask = np.arange(int(lengths.max())) < lengths[:, None]
+        input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+        input_ids[mask] = flat[tokens]
+        return {"input_ids": torch.from_numpy(input_ids),
+                "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+                "labels": torch.from_numpy(flat[starts].astype(np.int64))}
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(len(self)))

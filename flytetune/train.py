@@ -17,7 +17,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,10 @@ import torch
 from flytetune import checkpoint, distributed, hardware
 from flytetune.artifacts import code_version
 from flytetune.backbone import resolve_backbone
-from flytetune.batches import EpochBatchSampler, collate
+from flytetune.batches import EpochBatchSampler
 from flytetune.config import ConfigError, FinetuneConfig
 from flytetune.evaluate import classification_metrics, predict_logits
+from flytetune.loader import batch_loader
 from flytetune.preemption import GracefulStop, Preempted
 from flytetune.prepare import load_meta
 from flytetune.progress import Progress, count
@@ -366,7 +366,6 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     reporter = Progress(f"epoch {progress.epoch}", total_steps, unit="steps", count_format="step {done}/{total}",
                         done=progress.global_step, logger=log, show=world.is_main,
                         min_report_gap_s=tcfg.log_min_gap_s)
-    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     lengths = train_store.lengths() if tcfg.group_by_length else None
     # The epoch's loss is summed on the device and read (a host synchronisation) only when needed:
     # at a metrics record, a checkpoint and the epoch's end. float64: exact sums of float32 losses.
@@ -407,8 +406,9 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 sampler = EpochBatchSampler(len(train_store), global_batch, progress.sampler_seed,
                                             progress.epoch, start_batch=progress.batch_in_epoch,
                                             rank=world.rank, world_size=world.size, lengths=lengths)
-                loader = torch.utils.data.DataLoader(
-                    train_store, batch_sampler=sampler, collate_fn=collate_fn, num_workers=tcfg.num_workers,
+                # Whole batches read in bulk (one lmdb transaction each), by workers when configured.
+                loader = batch_loader(
+                    train_store, sampler, tokenizer.pad_token_id, num_workers=tcfg.num_workers,
                     # Page-locked batches: the copy to the GPU (non_blocking) overlaps the previous step.
                     pin_memory=device.type == "cuda",
                     # Its own generator: the loader's base seed must not draw from the global RNG,

@@ -1,6 +1,7 @@
 import logging
 import re
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -233,7 +234,9 @@ def test_test_fraction_zero_with_a_test_file(tmp_path):
 def test_every_split_must_be_non_empty(tmp_path, monkeypatch):
     from flytetune import prepare as preparation
 
-    monkeypatch.setattr(preparation, "stratified_split", lambda df, fractions, seed: [df, df.clear(), df])
+    # Every row to the training split: validation and test are left empty.
+    monkeypatch.setattr(preparation, "split_rows", lambda table, selected, fractions, seed: (
+        np.where(selected, 0, -1), np.cumsum(selected) - 1))
     with pytest.raises(DataError, match=r"d.csv: the validation split is empty"):
         prepare_csv(tmp_path, frame())
     assert not (tmp_path / "prepared").exists(), "fails before the tokenizer writes anything"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from flytetune import store as store_module
 from flytetune.batches import EpochBatchSampler, collate
 from flytetune.store import FeatureStore, write_store
 
@@ -116,3 +117,67 @@ def test_length_grouped_order_resumes_shards_and_pads_less():
 def test_store_lengths_are_token_counts(tmp_path):
     write_store(tmp_path / "s", [([1, 2, 3], 0), ([4], 1), ([], 2), (list(range(70)), 3)])
     assert FeatureStore(tmp_path / "s").lengths().tolist() == [3, 1, 0, 70]
+
+
+def short_examples(n):
+    """A generator, not a list: it has no len(), and write_store may hold only a batch of it."""
+    for i in range(n):
+        yield [101, 1000 + i % 29000, 102][: 1 + i % 3], i % 5
+
+
+def test_write_streams_a_generator_in_bounded_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(store_module, "WRITE_BATCH", 2000)
+    n = 300_000
+    tracemalloc.start()
+    try:
+        assert write_store(tmp_path / "s", short_examples(n)) == n
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # All the records at once are > 15 MB of Python objects; a batch of 2,000 is about 0.1 MB.
+    assert peak < 2_000_000, f"peak {peak / 1e6:.1f} MB of Python objects: the examples are held, not streamed"
+    store = FeatureStore(tmp_path / "s")
+    assert len(store) == n
+    assert store.lengths().tolist() == [1 + i % 3 for i in range(n)]
+    assert store.labels().tolist() == [i % 5 for i in range(n)]
+    assert store[123_457]["input_ids"].tolist() == [101, 1000 + 123_457 % 29000]
+
+
+def test_write_commits_keys_in_order_and_grows_the_map(tmp_path, monkeypatch):
+    import lmdb
+
+    # A tiny first map and an estimate that falls short: the map must grow, and a batch that
+    # did not fit is retried, not lost or duplicated.
+    monkeypatch.setattr(store_module, "WRITE_BATCH", 777)
+    monkeypatch.setattr(store_module, "_INITIAL_MAP_SIZE", 1 << 15)
+    monkeypatch.setattr(store_module, "_RECORD_OVERHEAD", -20)
+    n = 20_000
+    assert write_store(tmp_path / "s", short_examples(n)) == n
+    env = lmdb.open(str(tmp_path / "s"), readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            keys = [store_module._KEY.unpack(k)[0] for k, _ in txn.cursor()]
+    finally:
+        env.close()
+    assert keys == list(range(n))
+    store = FeatureStore(tmp_path / "s")
+    assert [store[i]["label"] for i in (0, 776, 777, 19_999)] == [0, 776 % 5, 777 % 5, 19_999 % 5]
+
+
+def test_failure_after_some_commits_leaves_no_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "WRITE_BATCH", 100)
+    consumed = 0
+
+    def failing():
+        nonlocal consumed
+        for example in short_examples(1000):
+            consumed += 1
+            yield example
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        write_store(tmp_path / "s", failing())
+    assert consumed == 1000, "ten batches were committed before the failure"
+    assert list(tmp_path.iterdir()) == [], "no store, complete or partial, and no temporary folder"
