@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from flytetune.config import DataConfig
+from flytetune.cpus import cpu_threads
 from flytetune.data import (
     _EXAMPLES,
     _LABEL_TYPES,
@@ -258,10 +259,8 @@ def _encode(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """Worker processes for tokenising: the pod's CPU limit, not the node's cores."""
+    return cpu_threads()
 
 
 class Tokenize:

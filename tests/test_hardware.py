@@ -6,7 +6,7 @@ training on CPU to the accuracy of fp32."""
 import pytest
 import torch
 
-from flytetune import hardware
+from flytetune import cpus, hardware
 from flytetune.batches import collate
 from flytetune.config import ConfigError, load_config
 from flytetune.store import FeatureStore
@@ -29,17 +29,17 @@ def cgroup(tmp_path, files: dict[str, str]):
     ({}, None),  # no cgroup files at all (macOS, a bare machine)
 ])
 def test_cpu_quota_from_cgroup_files(tmp_path, files, quota):
-    assert hardware.cpu_quota(cgroup(tmp_path, files)) == quota
+    assert cpus.cpu_quota(cgroup(tmp_path, files)) == quota
 
 
 def test_cpu_threads_follow_the_pods_limit_not_the_nodes_cores(tmp_path, monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(96)))  # a 96-core node
-    assert hardware.cpu_threads(cgroup(tmp_path / "a", {"cpu.max": "400000 100000"})) == 4
-    assert hardware.cpu_threads(cgroup(tmp_path / "b", {"cpu.max": "250000 100000"})) == 2, "rounded down"
-    assert hardware.cpu_threads(cgroup(tmp_path / "c", {"cpu.max": "50000 100000"})) == 1, "at least one"
-    assert hardware.cpu_threads(cgroup(tmp_path / "d", {"cpu.max": "max 100000"})) == 96
+    assert cpus.cpu_threads(cgroup(tmp_path / "a", {"cpu.max": "400000 100000"})) == 4
+    assert cpus.cpu_threads(cgroup(tmp_path / "b", {"cpu.max": "250000 100000"})) == 2, "rounded down"
+    assert cpus.cpu_threads(cgroup(tmp_path / "c", {"cpu.max": "50000 100000"})) == 1, "at least one"
+    assert cpus.cpu_threads(cgroup(tmp_path / "d", {"cpu.max": "max 100000"})) == 96
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # pinned to 2 cores, limit 4
-    assert hardware.cpu_threads(cgroup(tmp_path / "a", {})) == 2
+    assert cpus.cpu_threads(cgroup(tmp_path / "a", {})) == 2
 
 
 def test_precision_per_device(tmp_path):
