@@ -41,12 +41,13 @@ def test_workflow_reads_from_s3_and_publishes_to_s3(tmp_path, in_repo, s3_bucket
 
 
 def test_published_model_loads_back_with_same_predictions(tmp_path, prepared_tiny, trained_tiny, tiny_cfg):
+    import polars as pl
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from flytetune.data import LABEL, TEXT, read_table, stratified_split, subsample, validate
+    from flytetune.data import LABEL, TEXT, read_table, validate
     from flytetune.evaluate import evaluate, predict_logits
-    from flytetune.prepare import load_meta
+    from flytetune.prepare import TEST_TEXTS, load_meta
     from flytetune.store import FeatureStore
 
     metrics = evaluate(trained_tiny, prepared_tiny)
@@ -62,10 +63,10 @@ def test_published_model_loads_back_with_same_predictions(tmp_path, prepared_tin
     assert json.loads(Path(run_uri, "label_map.json").read_text())["labels"] == meta["labels"]
 
     # Raw text through the published tokenizer gives the stored tokens and the same labels: the test
-    # split's texts, rebuilt from the sample the way prepare splits it.
-    data_cfg = tiny_cfg.data
-    frame = subsample(validate(read_table(SAMPLE), "sample", data_cfg), data_cfg, "sample")
-    test = stratified_split(frame, [data_cfg.validation_fraction, data_cfg.test_fraction], data_cfg.split_seed)[2]
+    # split's texts as prepare kept them (test_texts.parquet, in store order), each a row of the sample.
+    test = pl.read_parquet(prepared_tiny / TEST_TEXTS)
+    sample = validate(read_table(SAMPLE), "sample", tiny_cfg.data)
+    assert test.join(sample, on=[TEXT, LABEL], how="anti").height == 0
     texts = test.get_column(TEXT).to_list()
     assert [meta["label2id"][label] for label in test.get_column(LABEL)] == store.labels().tolist()
     encoded = tokenizer(texts, truncation=True, max_length=meta["max_length"])["input_ids"]
