@@ -274,14 +274,7 @@ def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: i
     `conflicting_label_rows` (counts) and `warnings` (the logged messages).
     """
     min_per_class = cfg.min_examples_per_class if min_per_class is None else min_per_class
-    for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
-        if column not in df.columns:
-            raise DataError(
-                f"{source}: {role} column {column!r} not found (columns: {', '.join(df.columns)}); "
-                f"set data.{role}_column in the config"
-            )
-    _check_type(df, source, "text", cfg.text_column, _TEXT_TYPES, "text (strings)")
-    _check_type(df, source, "label", cfg.label_column, _LABEL_TYPES, "strings, integers or booleans")
+    check_columns(df, source, cfg)
 
     df = df.select(
         pl.col(cfg.text_column).cast(pl.String).alias(TEXT),
@@ -335,6 +328,18 @@ def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: i
 _TEXT_TYPES = (pl.String, pl.Categorical, pl.Enum, pl.Null)
 _LABEL_TYPES = (*_TEXT_TYPES, pl.Boolean, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.Int128,
                 pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+
+
+def check_columns(df: pl.DataFrame, source: str, cfg: DataConfig) -> None:
+    """The text and label columns exist and hold usable types (DataError naming the column)."""
+    for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
+        if column not in df.columns:
+            raise DataError(
+                f"{source}: {role} column {column!r} not found (columns: {', '.join(df.columns)}); "
+                f"set data.{role}_column in the config"
+            )
+    _check_type(df, source, "text", cfg.text_column, _TEXT_TYPES, "text (strings)")
+    _check_type(df, source, "label", cfg.label_column, _LABEL_TYPES, "strings, integers or booleans")
 
 
 def _check_type(df: pl.DataFrame, source: str, role: str, column: str, allowed: tuple, wanted: str) -> None:

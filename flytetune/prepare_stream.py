@@ -22,15 +22,7 @@ import polars as pl
 
 from flytetune.config import DataConfig
 from flytetune.cpus import cpu_threads
-from flytetune.data import (
-    _EXAMPLES,
-    _LABEL_TYPES,
-    _TEXT_TYPES,
-    LABEL,
-    TEXT,
-    DataError,
-    _check_type,
-)
+from flytetune.data import _EXAMPLES, LABEL, TEXT, DataError, check_columns
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +56,7 @@ def scan(batches: Iterable[pl.DataFrame], source: str, cfg: DataConfig, *, min_p
     bad = {TEXT: _Rows(), LABEL: _Rows()}
     offset = 0
     for chunk in batches:
-        for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
-            if column not in chunk.columns:
-                raise DataError(
-                    f"{source}: {role} column {column!r} not found (columns: {', '.join(chunk.columns)}); "
-                    f"set data.{role}_column in the config"
-                )
-        _check_type(chunk, source, "text", cfg.text_column, _TEXT_TYPES, "text (strings)")
-        _check_type(chunk, source, "label", cfg.label_column, _LABEL_TYPES, "strings, integers or booleans")
+        check_columns(chunk, source, cfg)
         chunk = chunk.select(pl.col(cfg.text_column).cast(pl.String).alias(TEXT),
                              pl.col(cfg.label_column).cast(pl.String).alias(LABEL))
         flags = chunk.select(*(((pl.col(c).is_null() | (pl.col(c).str.strip_chars() == "")).alias(c))
