@@ -32,7 +32,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 # Bump when copy_dataset's or prepare's output changes for the same inputs (a new file in the prepared
 # folder, another tokenisation): cached results of older code are then not reused.
 COPY_CACHE_VERSION = "1"
-PREPARE_CACHE_VERSION = "1"
+PREPARE_CACHE_VERSION = "2"  # 2: the streaming prepare splits by text hash
 
 
 @dataclass
