@@ -93,6 +93,9 @@ def write_store(path: Path, examples: Iterable[tuple[Iterable[int], int]]) -> in
             env.sync(True)
         finally:
             env.close()
+        # Readers open stores without locking (read-only, never written again): the lock file
+        # would only travel with every copy of the store.
+        (tmp / "lock.mdb").unlink(missing_ok=True)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,23 +103,49 @@ def write_store(path: Path, examples: Iterable[tuple[Iterable[int], int]]) -> in
     return count
 
 
-# One environment per store per process: lmdb refuses a second open of the same path in a
+# One environment per store per process: lmdb refuses a second open of the same files in a
 # process, and a forked child must not use the handle it inherited from its parent.
-_ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}
+_ENVIRONMENTS: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = (path / "data.mdb").stat()
+    return st.st_dev, st.st_ino
+
+
+def _close_stale(pid: int) -> None:
+    """Close this process's environments whose store was deleted or replaced since it was opened.
+
+    lmdb tells environments apart by their files' inode numbers; once a store's folder is deleted
+    the file system hands those numbers to new files, and a still-open environment of the old store
+    would make lmdb refuse an unrelated new one ("already open in this process")."""
+    for key, (owner, identity, env) in list(_ENVIRONMENTS.items()):
+        if owner != pid:
+            continue
+        try:
+            current = _identity(Path(key))
+        except OSError:
+            current = None
+        if current != identity:
+            env.close()
+            del _ENVIRONMENTS[key]
 
 
 def _environment(path: Path) -> lmdb.Environment:
-    key, pid = str(path.resolve()), os.getpid()
-    cached = _ENVIRONMENTS.get(key)
-    if cached is not None and cached[0] == pid:
-        return cached[1]
+    key, pid, identity = str(path.resolve()), os.getpid(), _identity(path)
+    cached = _ENVIRONMENTS.pop(key, None)
     if cached is not None:
-        # Inherited through fork: close this process's copy (it unmaps only the child's mapping).
-        cached[1].close()
+        owner, opened, env = cached
+        if owner == pid and opened == identity:
+            _ENVIRONMENTS[key] = cached
+            return env
+        # Inherited through fork (close only this process's mapping), or a new store at the same path.
+        env.close()
+    _close_stale(pid)
     # lock=False: stores are never written after creation, and readers in different processes
     # must not contend for (or exhaust) a shared reader table.
     env = lmdb.open(key, readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)
-    _ENVIRONMENTS[key] = (pid, env)
+    _ENVIRONMENTS[key] = (pid, identity, env)
     return env
 
 
@@ -194,4 +223,4 @@ class FeatureStore:
 
     def is_open_here(self) -> bool:
         cached = _ENVIRONMENTS.get(str(self.path.resolve()))
-        return cached is not None and cached[0] == os.getpid()
+        return cached is not None and cached[0] == os.getpid() and cached[1] == _identity(self.path)

@@ -1,5 +1,6 @@
 import functools
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -49,6 +50,31 @@ def test_opens_lazily_and_pickles_without_handle(store):
     assert store.is_open_here()
     clone = pickle.loads(pickle.dumps(store))
     assert set(vars(clone)) == {"path", "_len"} and clone[7]["label"] == 3
+
+
+def test_a_store_written_again_at_the_same_path_is_read_anew(tmp_path):
+    # A retry re-downloads prepared data into the same work folder in the same process.
+    write_store(tmp_path / "s", [([1, 2], 0)])
+    assert FeatureStore(tmp_path / "s")[0]["label"] == 0
+    shutil.rmtree(tmp_path / "s")
+    write_store(tmp_path / "s", [([1, 2], 5), ([3], 6)])
+    again = FeatureStore(tmp_path / "s")
+    assert len(again) == 2 and again[0]["label"] == 5
+
+
+def test_a_deleted_store_does_not_block_a_new_one_that_reuses_its_inode(tmp_path):
+    """lmdb refuses to open files whose inode an open environment holds; the file system reuses
+    the inodes of a deleted store for new files. Simulated: the old store's lock file (stores
+    prepared by earlier versions carry one) is moved, same inode, to become the new store's data."""
+    write_store(tmp_path / "old", [([1, 2], 0)])
+    (tmp_path / "old" / "lock.mdb").write_bytes(b"")
+    assert FeatureStore(tmp_path / "old")[0]["label"] == 0
+    write_store(tmp_path / "src", [([3, 4], 7)])
+    shutil.copyfile(tmp_path / "src" / "data.mdb", tmp_path / "old" / "lock.mdb")  # keeps the inode
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old" / "lock.mdb").rename(tmp_path / "new" / "data.mdb")
+    shutil.rmtree(tmp_path / "old")
+    assert FeatureStore(tmp_path / "new")[0]["label"] == 7
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
