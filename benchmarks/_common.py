@@ -74,10 +74,10 @@ def trainer_rows(store_dir: Path) -> list[dict]:
 def build_classifier(cfg, labels: list[str], device: torch.device) -> torch.nn.Module:
     """The model exactly as `flytetune.train.fit` builds it (same function, same seed before it), so every
     contender starts from identical weights, the new classification head included."""
-    from flytetune.train import build_model
+    from flytetune.objectives import build_classifier
 
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg, labels).to(device)
+    return build_classifier(cfg, labels).to(device)
 
 
 def quiet_transformers() -> None:

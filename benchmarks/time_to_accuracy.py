@@ -5,7 +5,7 @@ Conditions: this machine's device (CUDA when present, else CPU); the bundled sam
 configs/local.yaml (max_length 48, split seed 13), so both contenders train on the identical token
 ids of the prepared train split, are validated after every epoch on its validation split and
 tested on its test split; same backbone (model.backbone of the config, the packaged MiniLM-L6),
-same initial weights (`flytetune.train.build_model` after the same seed), same batch size, same
+same initial weights (`flytetune.objectives.build_classifier` after the same seed), same batch size, same
 number of epochs.
 
   flytetune  `flytetune.train.fit` with configs/local.yaml as it is (its learning rate, warm-up,

@@ -3,7 +3,7 @@
 Conditions: one process, this machine's device (CUDA when present, else CPU with torch's default
 thread count); the three contenders run one after the other on the same prepared rows (the same
 token ids, max_length and batch size), each from the same initial weights (built by
-`flytetune.train.build_model` after the same seed):
+`flytetune.objectives.build_classifier` after the same seed):
 
   Trainer defaults  `transformers.Trainer`, TrainingArguments defaults (random order, fp32, the
                     default optimizer), DataCollatorWithPadding, no eval, no saving, report_to none.

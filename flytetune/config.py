@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     text_column: str = "text"
-    label_column: str = "label"
+    # null: unlabelled text (train.objective mlm): every row is one class, the label column is not read.
+    label_column: Optional[str] = "label"
     # Used only when no separate test set is given; 0 is allowed only with one (checked in prepare).
     test_fraction: float = 0.1
     validation_fraction: float = 0.1
@@ -55,7 +56,8 @@ class DataConfig:
         _check(self.min_examples_per_class >= 3, "data.min_examples_per_class", "must be >= 3")
         _check(self.max_rows is None or self.max_rows > 0, "data.max_rows", "must be positive")
         _check(bool(self.text_column), "data.text_column", "must not be empty")
-        _check(bool(self.label_column), "data.label_column", "must not be empty")
+        _check(self.label_column is None or bool(self.label_column), "data.label_column",
+               "must not be empty; null reads unlabelled text (train.objective mlm)")
 
 
 @dataclass
@@ -74,8 +76,16 @@ class ModelConfig:
         )
 
 
+# What training optimises (flytetune/objectives.py): a sequence classifier on labelled data, or
+# continued masked-language-model pretraining of the backbone on unlabelled text (workflows/pretrain.py).
+OBJECTIVES = ("classification", "mlm")
+
+
 @dataclass
 class TrainConfig:
+    objective: str = "classification"
+    # mlm: the share of (non-special) tokens masked for prediction, BERT's 15%.
+    mlm_probability: float = 0.15
     epochs: int = 3
     # Examples per optimizer step, over all processes (the global batch).
     batch_size: int = 32
@@ -148,6 +158,12 @@ class TrainConfig:
                "needs train.best_metric (the metric that must improve)")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
                f"must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
+        _check(self.objective in OBJECTIVES, "train.objective",
+               f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        _check(0.0 < self.mlm_probability < 1.0, "train.mlm_probability", "must be in (0, 1)")
+        _check(self.objective != "mlm" or self.best_metric != "val_macro_f1", "train.best_metric",
+               "val_macro_f1 is a classification metric; with train.objective mlm use val_loss, val_accuracy "
+               "(of the masked tokens) or null")
 
 
 @dataclass
@@ -206,6 +222,11 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        # Across sections: a classifier needs labels; unlabelled text only feeds MLM pretraining.
+        _check(self.data.label_column is not None or self.train.objective == "mlm", "data.label_column",
+               "is null (unlabelled text), which only train.objective mlm can train on")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ streams them into that split's store. Inside a store, examples keep the order of
 draws its own order each epoch, flytetune/batches.py); `test_texts.parquet` follows the test store.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -55,6 +56,9 @@ SPLITS = ("train", "validation", "test")
 META = "meta.json"
 # The test split as text (text, label), for the evaluation gate (flytetune/gate.py).
 TEST_TEXTS = "test_texts.parquet"
+# The one label of unlabelled text (data.label_column null), in a column of this name.
+UNLABELLED = "unlabelled"
+UNLABELLED_COLUMN = "(no label column)"
 # Fewer rows than this are tokenised in this process: worker processes take longer to start.
 POOL_MIN_ROWS = 50_000
 
@@ -72,13 +76,20 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig, *, chunk_rows: in
     if (out_dir / META).exists():
         raise FileExistsError(f"{out_dir}: already prepared ({META} exists)")
     data_cfg = cfg.data
+    unlabelled = data_cfg.label_column is None
+    if unlabelled:
+        # Text for MLM pretraining: one class, so duplicates are repeated texts and the split is a plain one.
+        data_cfg = dataclasses.replace(data_cfg, label_column=UNLABELLED_COLUMN)
     sources = load_sources(raw_dir)
     if "test" not in sources and data_cfg.test_fraction == 0:
         # Checked here, not in the config: only this step knows whether a test file was given.
         raise ConfigError("data.test_fraction: is 0 but no test file was given; set it above 0 or give test_uri")
 
     def read(role: str) -> Iterator[pl.DataFrame]:
-        return iter_table(raw_dir / sources[role]["file"], sources[role]["uri"], chunk_rows)
+        chunks = iter_table(raw_dir / sources[role]["file"], sources[role]["uri"], chunk_rows)
+        if unlabelled:
+            return (chunk.with_columns(pl.lit(UNLABELLED).alias(UNLABELLED_COLUMN)) for chunk in chunks)
+        return chunks
 
     dataset_name = sources["dataset"]["uri"]
     checks = {"dataset": {}}
@@ -91,7 +102,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig, *, chunk_rows: in
         selected[np.concatenate(kept)] = True
     kept_rows = int(selected.sum())
     labels = sorted(_counts(data, selected))
-    require_labels(labels, dataset_name, data_cfg)
+    if not unlabelled:
+        require_labels(labels, dataset_name, data_cfg)
 
     # Per split: the table its rows come from, and which rows of it.
     chosen: dict[str, tuple[str, Scanned, np.ndarray, np.ndarray]] = {}
@@ -157,7 +169,7 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig, *, chunk_rows: in
         "label2id": label2id,
         "class_counts": {name: _counts(table, which) for name, (_, table, which, _) in chosen.items()},
         "text_column": data_cfg.text_column,
-        "label_column": data_cfg.label_column,
+        "label_column": cfg.data.label_column,
         "tokenizer": cfg.model.backbone,
         "max_length": data_cfg.max_length,
         "truncated": truncated,

@@ -1,7 +1,8 @@
-"""Fine-tune a sequence classifier on a prepared dataset.
+"""Train on a prepared dataset: fine-tune a sequence classifier, or continue a backbone's MLM pretraining.
 
 `fit` is the whole training run: setup, the epoch loop with validation each epoch, and saving a
-model folder that `AutoModelForSequenceClassification.from_pretrained` loads. Run as a module it
+model folder that `from_pretrained` loads. What differs between the two (`train.objective`) is in
+flytetune/objectives.py; the loop, checkpoints and preemption handling are the same. Run as a module it
 is the same pipeline the Flyte workflow runs, without Flyte:
 
     python -m flytetune.train --config configs/local.yaml [--dataset_uri URI] [--set train.epochs=1]
@@ -9,11 +10,9 @@ is the same pipeline the Flyte workflow runs, without Flyte:
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flytetune import checkpoint, distributed, hardware
+from flytetune import checkpoint, distributed, hardware, objectives
 from flytetune.artifacts import code_version
-from flytetune.backbone import resolve_backbone
 from flytetune.batches import EpochBatchSampler
 from flytetune.config import ConfigError, FinetuneConfig
-from flytetune.evaluate import classification_metrics, predict_logits
 from flytetune.loader import batch_loader
 from flytetune.preemption import GracefulStop, Preempted
 from flytetune.prepare import load_meta
@@ -173,49 +170,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_model(cfg: FinetuneConfig, labels: list[str], init_from: Path | None = None) -> torch.nn.Module:
-    """The classifier to fine-tune: `cfg.model.backbone` with a new head, or the published model
-    `init_from` (a local folder), whose head rows are kept by label name where `labels` differ."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    # The load report lists the new classifier head as "missing", which is the point of fine-tuning.
-    hf_logging.set_verbosity_error()
-    label_config = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                    "label2id": {label: i for i, label in enumerate(labels)}}
-    if init_from is None:
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolve_backbone(cfg.model.backbone), **label_config, local_files_only=True)
-    init = AutoModelForSequenceClassification.from_pretrained(init_from, local_files_only=True)
-    init_labels = [init.config.id2label[i] for i in range(init.config.num_labels)]
-    if init_labels == labels:
-        return init
-    # Other labels, or the same in another order: a fresh head whose rows are taken by name, never by index.
-    model = AutoModelForSequenceClassification.from_config(
-        AutoConfig.from_pretrained(init_from, **label_config, local_files_only=True))
-    name, head = _classifier(model)
-    init_rows = {label: i for i, label in enumerate(init_labels)}
-    kept = [(i, init_rows[label]) for i, label in enumerate(labels) if label in init_rows]
-    state = init.state_dict()
-    for key, fresh in head.state_dict().items():
-        rows = fresh.clone()
-        rows[[i for i, _ in kept]] = state[f"{name}.{key}"][[j for _, j in kept]].to(rows.dtype)
-        state[f"{name}.{key}"] = rows
-    model.load_state_dict(state)
-    log.info("init_from %s has other labels: head rows of %d shared labels copied by name; added %s; removed %s",
-             init_from, len(kept), sorted(set(labels) - init_rows.keys()) or "none",
-             sorted(init_rows.keys() - set(labels)) or "none")
-    return model
-
-
-def _classifier(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
-    """The final Linear, one output row per label (`classifier` in BERT-like models), and its name."""
-    name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-    if head.out_features != model.config.num_labels:
-        raise ConfigError(f"init_from: {type(model).__name__} has no final Linear with one row per label")
-    return name, head
-
-
 def check_init_from(init_from: Path, tokenizer, backbone: str) -> None:
     """Fail unless `init_from` is a model folder whose tokenizer has the vocabulary of `tokenizer`,
     the one `backbone` prepared the data with: other token ids would silently mean other words."""
@@ -250,9 +204,10 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: in
     return optimizer, scheduler
 
 
-def compat_fields(cfg: FinetuneConfig, meta: dict) -> dict:
+def compat_fields(cfg: FinetuneConfig, meta: dict, objective) -> dict:
     """What a checkpoint must agree with to be resumed into this run."""
-    return {"model.backbone": cfg.model.backbone, "labels": meta["labels"], "data.max_length": cfg.data.max_length}
+    return {"model.backbone": cfg.model.backbone, "labels": meta["labels"], "data.max_length": cfg.data.max_length,
+            **objective.compat()}
 
 
 def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint_dir: str | None = None,
@@ -270,7 +225,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
 
     `init_from` (a local folder of a published model) replaces the backbone's weights as the
     starting point (warm start); its tokenizer must have the vocabulary the data was prepared with
-    (ConfigError), and where its labels differ its head rows are kept by label name (`build_model`).
+    (ConfigError), and where its labels differ its head rows are kept by label name (`objectives.build_classifier`).
     A checkpoint to resume from, as below, still overrides those weights.
 
     `checkpoint_dir` is this run's durable checkpoint prefix, shared by all its attempts: if it
@@ -297,7 +252,8 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         init_from = Path(init_from)
         check_init_from(init_from, tokenizer, meta["tokenizer"])
         log.info("warm start from %s", init_from)
-    model = build_model(cfg, meta["labels"], init_from).to(device)
+    objective = objectives.for_run(cfg, tokenizer, meta["labels"])
+    model = objective.build_model(cfg, init_from).to(device)
     train_store = FeatureStore(prepared_dir / "train")
     val_store = FeatureStore(prepared_dir / "validation")
 
@@ -323,7 +279,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         raise checkpoint.CheckpointError(message)
     if source:
         restored = restored or checkpoint.load(source)
-        checkpoint.check_compatible(restored, compat_fields(cfg, meta))
+        checkpoint.check_compatible(restored, compat_fields(cfg, meta, objective))
         progress = checkpoint.restore_into(restored, model, optimizer, scheduler, scaler)
         log.info("resuming from checkpoint %s at step %d (epoch %d, batch %d)",
                  source, progress.global_step, progress.epoch, progress.batch_in_epoch)
@@ -344,7 +300,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     if tcfg.compile if tcfg.compile is not None else device.type == "cuda":
         # dynamic: batches are padded to their own longest example, so shapes vary from step to step.
         train_model = torch.compile(train_model, dynamic=True)
-    extra = {"compat": compat_fields(cfg, meta), "config": cfg.to_dict(), "code_version": code_version()}
+    extra = {"compat": compat_fields(cfg, meta, objective), "config": cfg.to_dict(), "code_version": code_version()}
     metrics = StepMetrics(device, world.size, progress.elapsed_s)
 
     def snapshot() -> checkpoint.Snapshot:
@@ -382,21 +338,22 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
         """Validate, record it in the history, and keep the weights if they are the best so far."""
         settle_loss()
         validation_started = time.monotonic()
-        val = validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, meta["labels"], world,
-                       precision.autocast)
+        val = objective.validate(model, val_store, tcfg.eval_batch_size, tokenizer.pad_token_id, world,
+                                 precision.autocast)
         metrics.skip(time.monotonic() - validation_started)
         record = {"epoch": progress.epoch, "step": progress.global_step, "epoch_end": epoch_end,
                   "train_loss": progress.epoch_loss_sum / max(progress.epoch_batches, 1),
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                  **{f"val_{name}": value for name, value in val.items()},
                   "epoch_s": round(time.monotonic() - started, 2)}
         progress.history.append(record)
         if progress.best_val_accuracy is None or val["accuracy"] > progress.best_val_accuracy:
             progress.best_val_accuracy = val["accuracy"]
         new_best = best.update(record, model, lambda: writer.save(snapshot()))
         reporter.clear()
-        log.info("epoch %d %s: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f%s", progress.epoch,
-                 "done" if epoch_end else f"step {progress.global_step}", record["train_loss"], val["loss"],
-                 val["accuracy"], val["macro_f1"], f" (best {tcfg.best_metric} so far)" if new_best else "")
+        log.info("epoch %d %s: train_loss %.4f %s%s", progress.epoch,
+                 "done" if epoch_end else f"step {progress.global_step}", record["train_loss"],
+                 " ".join(f"val_{name} {value:.4f}" for name, value in val.items()),
+                 f" (best {tcfg.best_metric} so far)" if new_best else "")
 
     last_save = time.monotonic()
     try:
@@ -418,6 +375,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
                 model.train()
                 epoch_started = time.monotonic()
                 for batch in loader:
+                    batch = objective.inputs(batch, progress.global_step, world.rank)
                     loss = train_step(train_model, optimizer, scheduler, batch, device, tcfg.max_grad_norm,
                                       precision, scaler, tcfg.gradient_accumulation_steps)
                     progress.global_step += 1
@@ -481,7 +439,11 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
     trained = result()
     if world.is_main:
         trained.best_step = best.restore(model, checkpoint_dir)
-        save_model(model, tokenizer, output_dir, cfg, trained)
+        objective.save(model, tokenizer, output_dir, cfg, {
+            "global_step": trained.global_step, "epochs_completed": trained.epochs_completed,
+            "history": trained.history, "init_from": trained.initialised_from, "steps": trained.steps,
+            "events": trained.events, "best_step": trained.best_step, "best_metric": cfg.train.best_metric,
+            "objective": objective.name})
     return trained
 
 
@@ -578,40 +540,6 @@ def train_step(model, optimizer, scheduler, batch: dict, device: torch.device, m
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def validate(model, store: FeatureStore, batch_size: int, pad_id: int, labels: list[str],
-             world: distributed.World | None = None, autocast: torch.dtype | None = None) -> dict:
-    """Validation loss, accuracy and macro-F1; under torchrun each process predicts every world-th
-    example and the predictions are gathered, so validating takes 1/world of the time."""
-    world = world or distributed.World()
-    indices = np.arange(world.rank, len(store), world.size)
-    logits = torch.from_numpy(predict_logits(model, store, batch_size, pad_id, indices, autocast))
-    y_true = torch.from_numpy(store.labels()[indices])
-    nll = torch.nn.functional.cross_entropy(logits, y_true, reduction="none").numpy()
-    parts = distributed.from_all(world, (indices, logits.argmax(dim=1).numpy(), nll))
-    order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-    predicted, losses = (np.concatenate([p[k] for p in parts])[order] for k in (1, 2))
-    metrics = classification_metrics(store.labels(), predicted, labels)
-    return {"loss": float(losses.astype(np.float64).mean()), "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"]}
-
-
-def save_model(model, tokenizer, output_dir: Path, cfg: FinetuneConfig, result: TrainResult) -> None:
-    """Write weights (safetensors), tokenizer, label map, config and training history."""
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    (output_dir / "label_map.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n")
-    (output_dir / "finetune_config.yaml").write_text(cfg.to_yaml())
-    history = {"global_step": result.global_step, "epochs_completed": result.epochs_completed,
-               "history": result.history, "init_from": result.initialised_from,
-               "steps": result.steps, "events": result.events, "best_step": result.best_step,
-               "best_metric": cfg.train.best_metric}
-    (output_dir / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ import torch
 from flytetune import cpus, hardware
 from flytetune.batches import collate
 from flytetune.config import ConfigError, load_config
+from flytetune.objectives import build_classifier
 from flytetune.store import FeatureStore
-from flytetune.train import build_model, fit
+from flytetune.train import fit
 from tests.conftest import TINY_CONFIG
 
 
@@ -85,7 +86,7 @@ def test_losses_and_gradients_do_not_depend_on_padding(prepared_tiny, tiny_backb
     store = FeatureStore(prepared_tiny / "train")
     cfg = load_config(TINY_CONFIG, [f"model.backbone={tiny_backbone}"])
     torch.manual_seed(0)
-    model = build_model(cfg, [str(i) for i in range(int(store.labels().max()) + 1)]).eval()  # no dropout
+    model = build_classifier(cfg, [str(i) for i in range(int(store.labels().max()) + 1)]).eval()  # no dropout
     order = sorted(range(len(store)), key=lambda i: len(store[i]["input_ids"]))
     short = [store[i] for i in order[:8]]  # grouped: the batch pads to its own longest, a few tokens
     assert max(len(e["input_ids"]) for e in short) < 20

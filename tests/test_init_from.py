@@ -67,7 +67,7 @@ def test_other_labels_keep_head_rows_by_name(tmp_path, tiny_cfg, trained_tiny, f
     copy_dataset(str(tmp_path / "relabelled.parquet"), tmp_path / "raw")
     prepare(tmp_path / "raw", tmp_path / "prepared", tiny_cfg)
 
-    with caplog.at_level(logging.INFO, logger="flytetune.train"):
+    with caplog.at_level(logging.INFO, logger="flytetune.objectives"):
         fit(tmp_path / "prepared", tmp_path / "b", frozen_cfg, init_from=trained_tiny)
     a, b = weights(trained_tiny), weights(tmp_path / "b")
     old, new = labels(trained_tiny), labels(tmp_path / "b")

@@ -9,8 +9,9 @@ import torch
 
 from flytetune.batches import collate
 from flytetune.config import ConfigError, load_config
+from flytetune.objectives import build_classifier
 from flytetune.store import FeatureStore
-from flytetune.train import build_model, build_optimizer, global_batch_size, train_step
+from flytetune.train import build_optimizer, global_batch_size, train_step
 from tests.conftest import TINY_CONFIG
 
 
@@ -19,7 +20,7 @@ def test_micro_batches_make_the_same_step_as_the_whole_batch(prepared_tiny, tiny
     batch = collate([store[i] for i in range(12)], pad_id=0)
     cfg = load_config(TINY_CONFIG, [f"model.backbone={tiny_backbone}"])
     torch.manual_seed(0)
-    whole = build_model(cfg, [str(i) for i in range(int(store.labels().max()) + 1)]).eval()  # no dropout
+    whole = build_classifier(cfg, [str(i) for i in range(int(store.labels().max()) + 1)]).eval()  # no dropout
     pieces = copy.deepcopy(whole)
     losses = {}
     for name, model, micro in (("whole", whole, 1), ("pieces", pieces, 5)):  # 12 rows: pieces of 3, 3, 2, 2, 2
@@ -74,7 +75,7 @@ def test_the_fp16_path_scales_steps_and_its_scaler_travels_in_the_checkpoint(pre
     batch = collate([store[i] for i in range(8)], pad_id=0)
     cfg = load_config(TINY_CONFIG, [f"model.backbone={tiny_backbone}"])
     torch.manual_seed(0)
-    model = build_model(cfg, [str(i) for i in range(int(store.labels().max()) + 1)])
+    model = build_classifier(cfg, [str(i) for i in range(int(store.labels().max()) + 1)])
     before = [p.detach().clone() for p in model.parameters()]
     optimizer, scheduler = build_optimizer(model, cfg, total_steps=10)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
