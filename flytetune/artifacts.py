@@ -106,6 +106,20 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
     return run_uri
 
 
+def publish_backbone(model_dir: Path, output_uri: str, model_name: str, *, config: dict, data_meta: dict,
+                     version: str | None = None) -> str:
+    """Publish a backbone pretrained by flytetune.train (train.objective mlm); return the run folder URI.
+
+    Its metrics are the masked-token validation of the weights it kept. No gate and no production
+    pointer: fine-tuning names this version's URI as `model.backbone`."""
+    history = json.loads((Path(model_dir) / "train_history.json").read_text())
+    kept = next((r for r in history["history"] if r["step"] == history.get("best_step")), history["history"][-1])
+    metrics = {"split": "validation", "objective": "mlm", "n_examples": data_meta["rows"]["validation"],
+               "accuracy": kept["val_accuracy"], "loss": kept["val_loss"], "step": kept["step"]}
+    return publish(model_dir, output_uri, model_name, metrics=metrics, config=config, data_meta=data_meta,
+                   version=version)
+
+
 def read_manifest(run_uri: str) -> dict:
     """The manifest of a published run folder; FileNotFoundError naming the folder if it has none."""
     manifest_uri = join(run_uri, MANIFEST)

@@ -223,11 +223,6 @@ class FinetuneConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
-    def __post_init__(self):
-        # Across sections: a classifier needs labels; unlabelled text only feeds MLM pretraining.
-        _check(self.data.label_column is not None or self.train.objective == "mlm", "data.label_column",
-               "is null (unlabelled text), which only train.objective mlm can train on")
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -274,7 +269,11 @@ def load_config(path: Optional[Union[str, Path, Mapping]] = None, overrides: Ite
     for item in overrides:
         _apply_override(raw, item)
     try:
-        return _build(FinetuneConfig, raw, prefix="")
+        cfg = _build(FinetuneConfig, raw, prefix="")
+        # Across sections (a run's config, not the parts of one that prepare builds): a classifier needs labels.
+        _check(cfg.data.label_column is not None or cfg.train.objective == "mlm", "data.label_column",
+               "is null (unlabelled text), which only train.objective mlm can train on")
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

@@ -82,12 +82,14 @@ def training(result, *, preset: str, hourly_usd: float | None, running: bool,
     if not history:
         parts.append("<p>No validation yet: it runs at the end of each epoch.</p>")
     else:
-        parts.append(plots.line_chart({name: [(r["step"], r[key]) for r in history]
-                                       for name, key in (("validation accuracy", "val_accuracy"),
-                                                         ("validation macro-F1", "val_macro_f1"))},
-                                      secondary={name: [(r["step"], r[key]) for r in history]
-                                                 for name, key in (("validation loss", "val_loss"),
-                                                                   ("training loss (epoch mean)", "train_loss"))},
+        # Masked-LM pretraining validates accuracy (of the masked tokens) and loss, but has no macro-F1.
+        def series(names: tuple[tuple[str, str], ...]) -> dict:
+            return {name: [(r["step"], r[key]) for r in history] for name, key in names if key in history[-1]}
+
+        parts.append(plots.line_chart(series((("validation accuracy", "val_accuracy"),
+                                              ("validation macro-F1", "val_macro_f1"))),
+                                      secondary=series((("validation loss", "val_loss"),
+                                                        ("training loss (epoch mean)", "train_loss"))),
                                       secondary_label="loss", title="Validation after each epoch",
                                       x_label="optimizer step", y_label="score"))
     parts += [_attempts(runs, hourly_usd, preset), training_history(history)]

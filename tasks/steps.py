@@ -18,7 +18,7 @@ from flytetune import artifacts, data, gate, locations, run_inputs, storage
 from flytetune import prepare as preparation
 from flytetune.backbone import resolve_backbone, tokenizer_fingerprint
 from flytetune.checkpoint_paths import resolve_resume
-from flytetune.config import DataConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
+from flytetune.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
 from flytetune.presets import load_preset
 from flytetune.storage.checksums import file_sha256
 from tasks import decks
@@ -63,12 +63,16 @@ class Resolved(NamedTuple):
 @task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("resolve"))
 def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str, from_checkpoint: Optional[str],
             dataset_uri: str, test_uri: Optional[str], kickoff_time: datetime, retrain_anyway: bool,
-            prepared_uri: str, init_from: Optional[str]) -> Resolved:
+            prepared_uri: str, init_from: Optional[str], objective: str) -> Resolved:
     """Check everything a user typed before data moves or a GPU starts: config, overrides, preset,
     backbone, where checkpoints and models go (object storage on a cluster, writable), `--from_checkpoint`,
-    the data (an export newer than production's), `--prepared_uri`, `--init_from` and `gate.eval_uri`."""
+    the data (an export newer than production's), `--prepared_uri`, `--init_from` and `gate.eval_uri`.
+    `objective` is what the calling workflow trains (train.objective must say the same)."""
     load_preset(preset)
     cfg = load_config(config.to_dict(), parse_overrides(overrides))
+    if cfg.train.objective != objective:
+        raise ConfigError(f"train.objective: is {cfg.train.objective!r} but this workflow trains {objective!r}; "
+                          f"use a config for it (configs/{'pretrain' if objective == 'mlm' else 'local'}.yaml)")
     resolve_backbone(cfg.model.backbone)
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root())
     locations.check_writable(cfg, output_uri)
@@ -152,3 +156,12 @@ def publish(model: FlyteDirectory, prepared: FlyteDirectory, metrics: dict, deta
                                 init_from=init_from)
     outcome = gate.promote_if_passed(output_uri, cfg, run_uri, gate_decision)
     return Published(artifacts_uri=run_uri, test_metrics=artifacts.summary(metrics), **outcome)
+
+
+@task(container_image=LIGHT_IMAGE, pod_template=pod_template(), **step("publish"))
+def publish_backbone(model: FlyteDirectory, prepared: FlyteDirectory, cfg: FinetuneConfig, output_uri: str,
+                     lineage: dict) -> str:
+    """Publish the pretrained backbone as a version; its URI is what fine-tuning names as model.backbone."""
+    meta = {**preparation.load_meta(Path(prepared.download())), **lineage, "prepared_uri": prepared.remote_source}
+    return artifacts.publish_backbone(Path(model.download()), output_uri, cfg.model.name, config=cfg.to_dict(),
+                                      data_meta=meta)

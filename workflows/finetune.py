@@ -70,7 +70,7 @@ def finetune(
     run = resolve(config=config, overrides=overrides, preset=preset, output_uri=output_uri,
                   from_checkpoint=from_checkpoint, dataset_uri=dataset_uri, test_uri=test_uri,
                   kickoff_time=kickoff_time, retrain_anyway=retrain_anyway, prepared_uri=prepared_uri,
-                  init_from=init_from)
+                  init_from=init_from, objective="classification")
     prepared = (
         conditional("data")
         .if_(prepared_uri == "")
