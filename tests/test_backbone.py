@@ -109,6 +109,10 @@ def test_a_published_run_as_backbone_for_another_label_set(s3_bucket, tiny_backb
     uri = publish(run_dir, f"s3://{s3_bucket}/models/m/v1", capsys)
     cfg = load_config(TINY_CONFIG, [f"model.backbone={uri}"])
     assert build_model(cfg, ["a", "b", "c"]).config.num_labels == 3  # the same count loads
+    # The change build_model needs, here: the head of another size is made afresh, the encoder kept.
+    fresh = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(uri), num_labels=5,
+                                                               ignore_mismatched_sizes=True, local_files_only=True)
+    assert fresh.classifier.out_features == 5
     try:
         model = build_model(cfg, ["a", "b", "c", "d", "e"])
     except RuntimeError as e:
@@ -136,7 +140,9 @@ def test_a_tampered_backbone_is_refused_in_one_line_naming_the_file(s3_bucket, t
         check_backbone(uri)
 
 
-def test_a_folder_without_manifest_is_refused_with_how_to_make_one(s3_bucket, tiny_backbone):
+def test_a_folder_without_manifest_is_refused_with_how_to_make_one(s3_bucket, tiny_backbone, tmp_path, capsys):
+    from flytetune.pipeline import main as train_main
+
     uri = f"s3://{s3_bucket}/backbones/bare"
     storage.sync(str(tiny_backbone), uri)
     hint = rf"python -m flytetune.backbone publish LOCAL_FOLDER {uri}$"
@@ -146,6 +152,11 @@ def test_a_folder_without_manifest_is_refused_with_how_to_make_one(s3_bucket, ti
         check_backbone(uri)
     with pytest.raises(ConfigError, match=rf"^model.backbone: {uri}: no manifest.json .*{hint}"):
         tokenizer_fingerprint(uri)
+    # `python -m flytetune.train` stops before any data moves, with the same one line.
+    assert train_main(["--config", str(TINY_CONFIG), "--set", f"model.backbone={uri}",
+                       "--output_uri", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model.backbone: {uri}: no manifest.json") and err.count("\n") == 1
 
 
 def test_a_manifest_without_config_json_or_with_unsafe_names_is_refused(s3_bucket, tiny_backbone, capsys):
