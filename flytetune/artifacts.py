@@ -79,30 +79,20 @@ def publish(model_dir: Path, output_uri: str, model_name: str, *, metrics: dict,
             shutil.copy(path, staging / safe_relative(name, "extra_files"))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "data_meta.json").write_text(json.dumps(data_meta, indent=2) + "\n")
-        files = {
-            path.relative_to(staging).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-            for path in sorted(staging.rglob("*"))
-            if path.is_file()
-        }
-        storage.sync(str(staging), run_uri)
-
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "model_name": model_name,
-        "version": version,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "dataset_sha256": data_meta.get("dataset_sha256"),
-        "data": {k: data_meta.get(k) for k in ("sources", "exports", "rows", "labels", "text_column", "label_column",
-                                               "prepared_uri")},
-        "config": config,
-        "init_from": init_from,
-        "metrics": {k: metrics.get(k) for k in ("split", "n_examples", "accuracy", "macro_f1")},
-        "gate": gate,
-        "files": files,
-    }
-    # Written last: its presence is the commit marker of the whole run folder.
-    storage.write_bytes(join(run_uri, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+        upload_with_manifest(staging, run_uri, {
+            "format": MANIFEST_FORMAT,
+            "model_name": model_name,
+            "version": version,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code_version(),
+            "dataset_sha256": data_meta.get("dataset_sha256"),
+            "data": {k: data_meta.get(k) for k in ("sources", "exports", "rows", "labels", "text_column",
+                                                   "label_column", "prepared_uri")},
+            "config": config,
+            "init_from": init_from,
+            "metrics": {k: metrics.get(k) for k in ("split", "n_examples", "accuracy", "macro_f1")},
+            "gate": gate,
+        })
     return run_uri
 
 
@@ -118,6 +108,29 @@ def publish_backbone(model_dir: Path, output_uri: str, model_name: str, *, confi
                "accuracy": kept["val_accuracy"], "loss": kept["val_loss"], "step": kept["step"]}
     return publish(model_dir, output_uri, model_name, metrics=metrics, config=config, data_meta=data_meta,
                    version=version)
+
+
+def file_entries(folder: Path) -> dict[str, dict]:
+    """The manifest's `files`: relative path -> SHA-256 and size of every file under `folder`."""
+    return {
+        path.relative_to(folder).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def upload_with_manifest(folder: Path, uri: str, fields: dict) -> dict:
+    """Upload `folder` to `uri`, then its manifest (`fields` plus `files`); return the manifest.
+
+    `folder` must not hold a manifest.json of its own: it would be uploaded before the files.
+    """
+    if (folder / MANIFEST).exists():
+        raise FileExistsError(f"{folder / MANIFEST}: the folder to upload already has a manifest")
+    manifest = {**fields, "files": file_entries(folder)}
+    storage.sync(str(folder), uri)
+    # Written last: its presence is the commit marker of the whole folder.
+    storage.write_bytes(join(uri, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
 
 
 def read_manifest(run_uri: str) -> dict:

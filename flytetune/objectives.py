@@ -91,8 +91,17 @@ def build_classifier(cfg: FinetuneConfig, labels: list[str], init_from: Path | N
     label_config = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                     "label2id": {label: i for i, label in enumerate(labels)}}
     if init_from is None:
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolve_backbone(cfg.model.backbone), **label_config, local_files_only=True)
+        backbone = resolve_backbone(cfg.model.backbone)
+        # A backbone may be a fine-tuned classifier (a published run): its encoder is the point, its head
+        # is another task's, loaded only to be replaced (of another size, transformers needs telling).
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone, **label_config, ignore_mismatched_sizes=True, local_files_only=True)
+        if any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(
+                backbone, local_files_only=True).architectures or []):
+            _, head = _classifier(model)
+            torch.nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
+            torch.nn.init.zeros_(head.bias)
+        return model
     init = AutoModelForSequenceClassification.from_pretrained(init_from, local_files_only=True)
     init_labels = [init.config.id2label[i] for i in range(init.config.num_labels)]
     if init_labels == labels:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from flytetune import artifacts, checkpoint, distributed, gate, locations, run_inputs, scratch, storage
 from flytetune.artifacts import summary
-from flytetune.backbone import resolve_backbone
+from flytetune.backbone import check_backbone
 from flytetune.config import AUTO, DEFAULT_CONFIG_PATH, ConfigError, FinetuneConfig, load_config
 from flytetune.data import DEFAULT_DATASET_URI, SAMPLE_DATASET, DataError, copy_dataset, locate
 from flytetune.evaluate import evaluate
@@ -99,7 +99,7 @@ def check_inputs(cfg: FinetuneConfig, dataset_uri: str, output_uri: str, test_ur
                  retrain_anyway: bool) -> tuple[FinetuneConfig, str, str | None, str | None]:
     """Everything that can be checked before data moves: the config resolved for this machine, the
     output URI, the checkpoint to start from and the run folder to warm-start from."""
-    resolve_backbone(cfg.model.backbone)
+    check_backbone(cfg.model.backbone)
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root=None)
     locations.check_writable(cfg, output_uri)
     resume_from = checkpoint.resolve_resume(cfg, from_checkpoint)

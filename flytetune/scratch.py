@@ -49,10 +49,11 @@ def remove_stale(tmp_dir: str | None = None) -> list[Path]:
     return removed
 
 
-def make(kind: str) -> Path:
-    """A new scratch folder owned by this process (`kind`: letters only); stale ones go first."""
-    remove_stale()
-    return Path(tempfile.mkdtemp(prefix=f"flytetune-{kind}-{os.getpid()}-"))
+def make(kind: str, root: Path | None = None) -> Path:
+    """A new scratch folder owned by this process (`kind`: letters only) in the temp directory, or in
+    `root` (a folder to rename the result into must be on the same file system); stale ones go first."""
+    remove_stale(str(root) if root else None)
+    return Path(tempfile.mkdtemp(prefix=f"flytetune-{kind}-{os.getpid()}-", dir=root))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from flytekit.types.file import FlyteFile
 
 from flytetune import artifacts, data, gate, locations, run_inputs, storage
 from flytetune import prepare as preparation
-from flytetune.backbone import resolve_backbone, tokenizer_fingerprint
+from flytetune.backbone import check_backbone, tokenizer_fingerprint
 from flytetune.checkpoint_paths import resolve_resume
 from flytetune.config import ConfigError, DataConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
 from flytetune.presets import load_preset
@@ -73,7 +73,7 @@ def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str
     if cfg.train.objective != objective:
         raise ConfigError(f"train.objective: is {cfg.train.objective!r} but this workflow trains {objective!r}; "
                           f"use a config for it (configs/{'pretrain' if objective == 'mlm' else 'local'}.yaml)")
-    resolve_backbone(cfg.model.backbone)
+    check_backbone(cfg.model.backbone)
     cfg, output_uri = locations.resolve(cfg, output_uri, durable_root())
     locations.check_writable(cfg, output_uri)
     run_inputs.check_eval_uri(cfg)
