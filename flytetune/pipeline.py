@@ -87,6 +87,12 @@ def run(cfg: FinetuneConfig, dataset_uri: str = DEFAULT_DATASET_URI, output_uri:
             resume_from=resume_from, init_from=work / "init" if init_uri else None)
         if not world.is_main:
             return RunResult(None, {}, {})
+        if cfg.train.objective == "mlm":
+            # A pretrained backbone: no labels to evaluate, no gate; fine-tuning names its version URI.
+            run_uri = artifacts.publish_backbone(work / "model", output_uri, cfg.model.name, config=cfg.to_dict(),
+                                                 data_meta=meta)
+            return RunResult(run_uri, artifacts.read_manifest(run_uri)["metrics"],
+                             {"promoted": False, "reason": "a backbone: fine-tuning names its URI as model.backbone"})
         metrics = evaluate(work / "model", work / "prepared", batch_size=cfg.train.eval_batch_size)
         decision = gate.run(work / "model", work / "prepared", cfg, output_uri, work / "gate")
         run_uri = artifacts.publish(work / "model", output_uri, cfg.model.name, metrics=metrics,
