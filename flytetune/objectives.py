@@ -61,6 +61,9 @@ class Classification:
     def inputs(self, batch: dict, step: int, rank: int) -> dict:
         return batch
 
+    def for_training(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
     def validate(self, model, store: FeatureStore, batch_size: int, pad_id: int,
                  world: distributed.World | None = None, autocast: torch.dtype | None = None) -> dict:
         """Validation loss, accuracy and macro-F1; under torchrun each process predicts every world-th
@@ -137,6 +140,36 @@ def _classifier(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
 _VALIDATION_SEED = 20_170_612
 
 
+class _MaskedPositions(torch.nn.Module):
+    """A masked-LM model whose head runs only where a token is predicted (about 15% of the positions):
+    the vocabulary projection (30,522 x 384 for MiniLM) costs about as much as the whole encoder when it
+    runs over every position. The same parameters; the loss of the full forward."""
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.head(hidden[where])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        where = labels != -100
+        logits = self.logits(input_ids, attention_mask, where)
+        return _Output(torch.nn.functional.cross_entropy(logits.float(), labels[where]))
+
+
+class _Output(tuple):
+    """What train_step reads of a model's output: `.loss`."""
+
+    def __new__(cls, loss: torch.Tensor):
+        return super().__new__(cls, (loss,))
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self[0]
+
+
 class MaskedLM:
     """Continued masked-language-model pretraining of the backbone on unlabelled text (BERT's recipe:
     `train.mlm_probability` of the non-special tokens are predicted; of those 80% are replaced by the
@@ -155,6 +188,12 @@ class MaskedLM:
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
         self.special = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)
         self.probability, self.seed = probability, seed
+
+    def for_training(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop calls: the head on masked positions only, where the model has one head
+        module beside its encoder (BERT's `cls`, RoBERTa's `lm_head`); else the model as it is."""
+        heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
+        return _MaskedPositions(model, heads[0]) if len(heads) == 1 else model
 
     def compat(self) -> dict:
         # Checkpoints of a classifier (which have no such key) do not resume into pretraining.
@@ -196,15 +235,20 @@ class MaskedLM:
         model.eval()
         device = next(model.parameters()).device
         indices = np.arange(world.rank, len(store), world.size)
+        scorer = self.for_training(model)
         loss_sum, correct, masked = 0.0, 0, 0
         for start in range(0, len(indices), batch_size):
             rows = indices[start:start + batch_size]
             batch = self.mask(store.batch(rows, pad_id), [_VALIDATION_SEED, int(rows[0])])
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             where = batch["labels"] != -100
-            predicted, expected = logits[where].float(), batch["labels"][where]
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                if isinstance(scorer, _MaskedPositions):
+                    predicted = scorer.logits(batch["input_ids"], batch["attention_mask"], where).float()
+                else:
+                    predicted = model(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).logits[where].float()
+            expected = batch["labels"][where]
             loss_sum += float(torch.nn.functional.cross_entropy(predicted, expected, reduction="sum"))
             correct += int((predicted.argmax(dim=-1) == expected).sum())
             masked += int(where.sum())
@@ -214,8 +258,23 @@ class MaskedLM:
         return {"loss": float(totals[0] / max(totals[2], 1)), "accuracy": float(totals[1] / max(totals[2], 1))}
 
     def save(self, model, tokenizer, output_dir: Path, cfg: FinetuneConfig, history: dict) -> None:
-        """A backbone folder: fine-tuning names it (or its published run) as `model.backbone`."""
+        """A backbone folder: fine-tuning names it (or its published run) as `model.backbone`.
+
+        A masked-LM model has no pooler (BERT's dense layer over [CLS], which a sequence classifier
+        feeds its head from): the backbone's own pooler weights are carried over, untrained, so that
+        fine-tuning from this folder does not start from a random one where the backbone had one."""
+        from safetensors.torch import load_file, save_file
+
         _save_common(model, tokenizer, output_dir, cfg, history)
+        source = resolve_backbone(cfg.model.backbone) / "model.safetensors"
+        if not source.is_file():
+            return
+        prefix = model.base_model_prefix
+        pooler = {key if key.startswith(f"{prefix}.") else f"{prefix}.{key}": value
+                  for key, value in load_file(source).items() if ".pooler." in f".{key}"}
+        if pooler:
+            weights = output_dir / "model.safetensors"
+            save_file({**load_file(weights), **pooler}, weights, metadata={"format": "pt"})
 
 
 def for_run(cfg: FinetuneConfig, tokenizer, labels: list[str]):

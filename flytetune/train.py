@@ -296,7 +296,7 @@ def fit(prepared_dir: Path, output_dir: Path, cfg: FinetuneConfig, *, checkpoint
 
     writer = (checkpoint.CheckpointWriter(checkpoint_dir, keep=ccfg.keep, on_saved=saved)
               if checkpoint_dir and world.is_main else None)
-    train_model = distributed.wrap(model, world)
+    train_model = distributed.wrap(objective.for_training(model), world)
     if tcfg.compile if tcfg.compile is not None else device.type == "cuda":
         # dynamic: batches are padded to their own longest example, so shapes vary from step to step.
         train_model = torch.compile(train_model, dynamic=True)

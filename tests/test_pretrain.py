@@ -135,3 +135,52 @@ def test_the_workflow_publishes_a_backbone_that_fine_tuning_names(tmp_path, tiny
     tuned = artifacts.verify(result.run_uri)
     assert tuned["config"]["model"]["backbone"] == backbone_uri
     assert tuned["metrics"]["macro_f1"] is not None
+
+
+def test_the_head_on_masked_positions_only_gives_the_full_models_loss_and_gradients(tiny_backbone, tokenizer):
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_backbone, local_files_only=True).eval()
+    objective = MaskedLM(tokenizer, probability=0.15, seed=1)
+    batch = objective.inputs(batch_of(tokenizer, ["card payment to tesco", "salary acme ltd", "atm"]), 0, 0)
+    full = model(**batch).loss
+    full.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fast = objective.for_training(model)
+    assert fast is not model, "BERT's head runs on the masked positions only"
+    loss = fast(**batch).loss
+    loss.backward()
+    torch.testing.assert_close(loss, full)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+def test_the_backbone_keeps_its_pooler(tmp_path, tiny_backbone, prepared_unlabelled):
+    """A masked-LM model has no pooler; the published backbone carries the original one, so that a
+    classifier fine-tuned from it does not start from a random pooler."""
+    from transformers import AutoModelForSequenceClassification
+
+    from flytetune.train import fit
+
+    cfg = load_config(TINY_CONFIG, [*[v for v in MLM if v != "--set"], f"model.backbone={tiny_backbone}",
+                                    "train.max_steps=2", "checkpoint.uri=null"])
+    fit(prepared_unlabelled, tmp_path / "backbone", cfg)
+    stock = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=2, local_files_only=True)
+    ours = AutoModelForSequenceClassification.from_pretrained(tmp_path / "backbone", num_labels=2,
+                                                              local_files_only=True)
+    torch.testing.assert_close(ours.bert.pooler.state_dict(), stock.bert.pooler.state_dict())
+    assert not torch.equal(ours.bert.encoder.layer[0].attention.self.query.weight,
+                           stock.bert.encoder.layer[0].attention.self.query.weight), "the encoder was trained"
+
+
+@pytest.fixture(scope="module")
+def prepared_unlabelled(tmp_path_factory, tiny_backbone) -> Path:
+    from flytetune.data import copy_dataset
+    from flytetune.prepare import prepare
+    from tests.conftest import SAMPLE
+
+    raw, out = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("prepared") / "unlabelled"
+    copy_dataset(str(SAMPLE), raw)
+    prepare(raw, out, load_config(TINY_CONFIG, [*[v for v in MLM if v != "--set"], f"model.backbone={tiny_backbone}"]))
+    return out
