@@ -31,7 +31,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 
 # Bump when copy_dataset's or prepare's output changes for the same inputs (a new file in the prepared
 # folder, another tokenisation): cached results of older code are then not reused.
-COPY_CACHE_VERSION = "1"
+COPY_CACHE_VERSION = "2"  # 2: an export is copied as a folder of its parts, hashed part by part
 PREPARE_CACHE_VERSION = "2"  # 2: the streaming prepare splits by text hash
 
 
@@ -109,7 +109,8 @@ def copy_dataset(dataset_uri: str, test_uri: Optional[str], kickoff_time: dateti
     sources = data.copy_dataset(dataset_uri, raw, test_uri=test_uri, at=kickoff_time, expect_fingerprint=fingerprint)
     dest = execution_prefix("dataset")
     storage.sync(str(raw), dest)
-    return Dataset(uri=dest, sha256=file_sha256(*(raw / source["file"] for source in sources.values())))
+    # The bytes of every data file, a folder's parts in name order: prepared meta's dataset_sha256 too.
+    return Dataset(uri=dest, sha256=file_sha256(*data.source_files(raw, sources)))
 
 
 # Keyed by the dataset's content (its HashMethod) and the data settings, not the whole config: a
