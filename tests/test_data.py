@@ -243,7 +243,8 @@ def test_every_split_must_be_non_empty(tmp_path, monkeypatch):
 
 
 def test_empty_dataset_uri(tmp_path):
-    with pytest.raises(DataError, match=r"^dataset_uri is empty; give a CSV, parquet or JSON lines file$"):
+    with pytest.raises(DataError,
+                       match=r"^dataset_uri is empty; give a CSV, parquet, JSON lines or text lines \(\.txt\) file$"):
         copy_dataset("", tmp_path)
     assert not (tmp_path / "sources.json").exists()
 
@@ -253,8 +254,8 @@ def test_directory_as_dataset(tmp_path, name):
     folder = tmp_path / name
     folder.mkdir()
     (folder / "part-0.parquet").write_bytes(b"x")
-    with pytest.raises(DataError, match=rf"{name}: is a directory; dataset_uri must name a CSV, parquet or "
-                                        r"JSON lines file$"):
+    with pytest.raises(DataError, match=rf"{name}: is a directory; dataset_uri must name a CSV, parquet, "
+                                        r"JSON lines or text lines \(\.txt\) file$"):
         copy_dataset(str(folder), tmp_path / "raw")
     with pytest.raises(DataError, match=rf"{name}: is a directory; test_uri must name"):
         frame().write_csv(tmp_path / "d.csv")
