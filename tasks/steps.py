@@ -27,6 +27,7 @@ from tasks.pods import LIGHT_IMAGE, PREPARE_SIZES, pod_template, prepare_resourc
 
 # flytekit configures only its own logger; without this the library's progress lines vanish.
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger(__name__)
 
 
 # Bump when copy_dataset's or prepare's output changes for the same inputs (a new file in the prepared
@@ -89,8 +90,7 @@ def resolve(config: FinetuneConfig, overrides: str, preset: str, output_uri: str
             input_bytes = data.total_bytes(located)
     size = choose_prepare_size(prepare_size, input_bytes, PREPARE_SIZES)
     if prepare_size == AUTO_SIZE and input_bytes is not None:
-        logging.getLogger(__name__).info("prepare size %s: chosen for %d bytes of input (prepare_size auto)",
-                                         size, input_bytes)
+        log.info("prepare size %s: chosen for %d bytes of input (prepare_size auto)", size, input_bytes)
     init_uri = run_inputs.resolve_init_from(init_from, output_uri, cfg.model.name) if init_from else None
     settings = PrepareSettings(data=cfg.data, backbone=cfg.model.backbone,
                                tokenizer_sha256=tokenizer_fingerprint(cfg.model.backbone))
