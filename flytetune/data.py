@@ -1,5 +1,8 @@
 """Read, validate and split a labelled text dataset with polars.
 
+Inputs are CSV, parquet or JSON lines tables, or plain text lines (`.txt`: one text per line, blank
+lines skipped, read as one column named `data.text_column`: unlabelled text, e.g. for pretraining).
+
 Every problem found in the input is reported as a DataError whose message names the file, the
 column and example rows (1-based data rows, as a spreadsheet would show them), so that a bad
 file fails in the cheap CPU step, long before a GPU is requested.
@@ -7,7 +10,6 @@ file fails in the cheap CPU step, long before a GPU is requested.
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +32,11 @@ READERS = {
     ".pq": "parquet",
     ".jsonl": "ndjson",
     ".ndjson": "ndjson",
+    ".txt": "lines",
 }
+# What holds a label column: every kind but plain text lines (the gate's eval_uri must have labels).
+LABELLED_READERS = {suffix: kind for suffix, kind in READERS.items() if kind != "lines"}
+_KINDS = "CSV, parquet, JSON lines or text lines (.txt)"
 # Normalised column names used after validation, whatever the source calls them.
 TEXT, LABEL = "text", "label"
 _ROW = "__row"
@@ -53,7 +59,7 @@ def locate(dataset_uri: str, test_uri: str | None = None, at: datetime = exports
     there is nothing usable there (empty, a folder, an unsupported type, no such file).
     """
     if not (dataset_uri or "").strip():
-        raise DataError("dataset_uri is empty; give a CSV, parquet or JSON lines file")
+        raise DataError(f"dataset_uri is empty; give a {_KINDS} file")
     located = {}
     for role, uri in (("dataset", dataset_uri), ("test", test_uri)):
         if not uri:
@@ -72,7 +78,7 @@ def locate(dataset_uri: str, test_uri: str | None = None, at: datetime = exports
         suffix = Path(uri.rstrip("/")).suffix.lower()
         # A folder (a partitioned parquet dataset, say) is refused in the user's terms, not storage's.
         if storage.stat(uri) is None and _is_folder(uri):
-            raise DataError(f"{uri}: is a directory; {role}_uri must name a CSV, parquet or JSON lines file")
+            raise DataError(f"{uri}: is a directory; {role}_uri must name a {_KINDS} file")
         if suffix not in READERS:
             raise DataError(f"{uri}: unsupported file type {suffix!r}; use one of {', '.join(READERS)}")
         located[role] = {"uri": uri, "files": [uri], "export": None}
@@ -91,6 +97,18 @@ def fingerprint(located: dict[str, dict]) -> str:
         return storage.fingerprint([uri for source in located.values() for uri in source["files"]])
     except storage.StorageError as e:
         raise DataError(f"{e}; {', '.join(s['uri'] for s in located.values())} cannot be read") from None
+
+
+def total_bytes(located: dict[str, dict]) -> int:
+    """The located objects' bytes as stored (one stat per file, no download): what the prepare size is chosen by."""
+    total = 0
+    for source in located.values():
+        for uri in source["files"]:
+            info = storage.stat(uri)
+            if info is None:
+                raise DataError(f"{uri}: no such file")
+            total += info.size
+    return total
 
 
 def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None,
@@ -121,19 +139,72 @@ def copy_dataset(dataset_uri: str, dest_dir: Path, test_uri: str | None = None,
 
 
 def _copy_export(prefix_uri: str, export: exports.Export, role: str, dest_dir: Path) -> dict:
-    """The export's data files concatenated into `<role>.parquet`; the record says which export."""
-    parts = dest_dir / f"{role}-parts"
-    record = exports.copy_export(export, parts)
-    # Errors name the part's URI; row numbers count within that part.
-    frames = [read_table(parts / f["file"], name=f["uri"]) for f in record["files"]]
+    """The export's data files copied as they are into the folder `<role>-parts/`, which prepare reads
+    as one table in name order (`iter_table`): never concatenated, so memory stays flat however many
+    rows the export holds. Their schemas are compared here, so that a part which does not fit is
+    refused naming its URI before prepare reads a row. The record says which export."""
+    folder = f"{role}-parts"
+    record = exports.copy_export(export, dest_dir / folder)
+    check_parts([(dest_dir / folder / f["file"], f["uri"]) for f in record["files"]], export.uri)
+    return {"uri": prefix_uri, "file": folder, "export": record}
+
+
+def check_parts(parts: Sequence[tuple[Path, str]], name: str) -> None:
+    """The (local file, URI) `parts` of one table share columns and types: DataError naming the first
+    part that does not, or that is empty, not UTF-8 or unreadable. Reads schemas (a parquet footer, the
+    rows CSV and JSON lines infer types from), never the whole data."""
+    first_schema, first_uri = None, None
+    for path, uri in parts:
+        schema = _schema(path, uri)
+        if first_schema is None:
+            first_schema, first_uri = schema, uri
+            continue
+        if set(schema) != set(first_schema):
+            raise DataError(f"{uri}: columns ({', '.join(schema)}) differ from those of {first_uri} "
+                            f"({', '.join(first_schema)}); the data files of {name} must share columns and types")
+        for column, dtype in schema.items():
+            if not _same_kind(dtype, first_schema[column]):
+                raise DataError(f"{uri}: column {column!r} has type {dtype}, but {first_schema[column]} in "
+                                f"{first_uri}; the data files of {name} must share columns and types")
+
+
+def _schema(path: Path, name: str) -> pl.Schema:
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{name}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{name}: file is empty")
+    if kind in ("csv", "ndjson", "lines"):
+        _check_utf8(path, name)
     try:
-        table = pl.concat(frames, how="vertical_relaxed")
-    except pl.exceptions.PolarsError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{export.uri}: its data files do not share columns and types: {first_line}") from None
-    table.write_parquet(dest_dir / f"{role}.parquet")
-    shutil.rmtree(parts)  # the task syncs dest_dir to the execution's prefix: no second copy
-    return {"uri": prefix_uri, "file": f"{role}.parquet", "export": record}
+        if kind == "parquet":
+            return pl.read_parquet_schema(path)
+        if kind == "csv":
+            return pl.scan_csv(path, infer_schema_length=10_000).collect_schema()
+        if kind == "ndjson":
+            return pl.scan_ndjson(path).collect_schema()
+        return pl.Schema({TEXT: pl.String})  # one column of lines, named when read
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise DataError(f"{name}: cannot be read as {kind}: {_first_line(e)}") from None
+
+
+def _same_kind(a: pl.DataType, b: pl.DataType) -> bool:
+    """Whether two parts' types of a column give the same values once prepare casts them to strings:
+    integers of any width, strings however stored; an all-null column (Null) fits anything. Integer
+    against float is refused: a label 1 would read "1" in one part and "1.0" in the other."""
+    def kind(t: pl.DataType) -> str:
+        if t == pl.Null:
+            return "null"
+        if t.is_integer():
+            return "integer"
+        if any(t == s for s in (pl.String, pl.Categorical, pl.Enum)):
+            return "string"
+        return str(t)
+    return "null" in (kind(a), kind(b)) or kind(a) == kind(b)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _is_folder(uri: str) -> bool:
@@ -148,34 +219,59 @@ def load_sources(raw_dir: Path) -> dict[str, dict]:
     return json.loads(path.read_text())
 
 
-def read_table(path: Path, name: str | None = None) -> pl.DataFrame:
-    """Read CSV, parquet or JSON lines, chosen by the file suffix; errors say `name` (default: the path)."""
+def read_table(path: Path, name: str | None = None, text_column: str = TEXT) -> pl.DataFrame:
+    """Read CSV, parquet, JSON lines or text lines (into the column `text_column`), chosen by the file
+    suffix; errors say `name` (default: the path). Reads the whole file: `iter_table` streams."""
     path = Path(path)
     name = name or str(path)
     if not path.exists():
         raise DataError(f"{name}: no such file")
     if path.is_dir():
-        raise DataError(f"{name}: is a directory; give one CSV, parquet or JSON lines file")
+        raise DataError(f"{name}: is a directory; give one {_KINDS} file")
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{name}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
     if path.stat().st_size == 0:
         raise DataError(f"{name}: file is empty")
-    if kind in ("csv", "ndjson"):
+    if kind in ("csv", "ndjson", "lines"):
         _check_utf8(path, name)
     try:
         if kind == "csv":
             df = pl.read_csv(path, infer_schema_length=10_000)
         elif kind == "ndjson":
             df = pl.read_ndjson(path)
+        elif kind == "lines":
+            df = pl.concat([pl.DataFrame(schema={text_column: pl.String}),
+                            *_iter_lines(path, text_column, 1 << 20)])
         else:
             df = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{name}: cannot be read as {kind}: {first_line}") from None
+        raise DataError(f"{name}: cannot be read as {kind}: {_first_line(e)}") from None
     if df.height == 0:
-        raise DataError(f"{name}: has a header but no rows")
+        raise DataError(_no_rows(name, kind))
     return df
+
+
+def _no_rows(name: str, kind: str) -> str:
+    return f"{name}: has only blank lines" if kind == "lines" else f"{name}: has a header but no rows"
+
+
+def _iter_lines(path: Path, column: str, chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """A text file's non-blank lines, one text each (without the line break), as frames of the one
+    column `column`, at most `chunk_rows` rows each. Checked as UTF-8 beforehand (`_check_utf8`)."""
+    texts = []
+    # utf-8-sig: a byte-order mark some editors write is not part of the first text.
+    # newline=None: \n, \r\n and \r all end a line.
+    with open(path, encoding="utf-8-sig", newline=None) as f:
+        for line in f:
+            text = line.rstrip("\n")
+            if text.strip():
+                texts.append(text)
+                if len(texts) == chunk_rows:
+                    yield pl.DataFrame({column: texts}, schema={column: pl.String})
+                    texts = []
+    if texts:
+        yield pl.DataFrame({column: texts}, schema={column: pl.String})
 
 
 def _check_utf8(path: Path, name: str) -> None:
@@ -218,9 +314,17 @@ def table_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in READERS)
 
 
-def iter_table(path: Path, name: str | None = None, chunk_rows: int = 100_000) -> Iterator[pl.DataFrame]:
-    """The rows of a CSV, parquet or JSON lines file, or of a folder of such files (its parts, read in
-    name order), as frames of at most `chunk_rows` rows, read lazily: memory does not grow with the file.
+def source_files(raw_dir: Path, sources: dict[str, dict]) -> list[Path]:
+    """Every data file of a copy (`copy_dataset`'s sources), role by role, a folder's in name order: what
+    the dataset's SHA-256 covers (the copy task's cache hash; prepare's meta computes the same)."""
+    return [file for source in sources.values() for file in table_files(Path(raw_dir) / source["file"])]
+
+
+def iter_table(path: Path, name: str | None = None, chunk_rows: int = 100_000,
+               text_column: str = TEXT) -> Iterator[pl.DataFrame]:
+    """The rows of a CSV, parquet, JSON lines or text lines file, or of a folder of such files (its
+    parts, read in name order), as frames of at most `chunk_rows` rows, read lazily: memory does not
+    grow with the file. Text lines are read into the one column `text_column` (data.text_column).
 
     Raises the DataErrors of `read_table`, naming `name` (default: the path)."""
     path = Path(path)
@@ -229,7 +333,7 @@ def iter_table(path: Path, name: str | None = None, chunk_rows: int = 100_000) -
         raise DataError(f"{name}: no such file")
     files = table_files(path)
     if path.is_dir() and not files:
-        raise DataError(f"{name}: is a directory with no CSV, parquet or JSON lines files")
+        raise DataError(f"{name}: is a directory with no {_KINDS} files")
     kinds = set()
     for file in files:
         kind = READERS.get(file.suffix.lower())
@@ -241,12 +345,17 @@ def iter_table(path: Path, name: str | None = None, chunk_rows: int = 100_000) -
     if len(kinds) > 1:
         raise DataError(f"{name}: data files must all be of one type; found {', '.join(sorted(kinds))}")
     (kind,) = kinds
-    if kind in ("csv", "ndjson"):
+    if kind in ("csv", "ndjson", "lines"):
         for file in files:
             _check_utf8(file, name)
     rows = 0
     try:
         for file in files:
+            if kind == "lines":
+                for piece in _iter_lines(file, text_column, chunk_rows):
+                    rows += piece.height
+                    yield piece
+                continue
             if kind == "csv":
                 frame = pl.scan_csv(file, infer_schema_length=10_000)
             elif kind == "ndjson":
@@ -259,10 +368,9 @@ def iter_table(path: Path, name: str | None = None, chunk_rows: int = 100_000) -
                         rows += piece.height
                         yield piece
     except (pl.exceptions.PolarsError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{name}: cannot be read as {kind}: {first_line}") from None
+        raise DataError(f"{name}: cannot be read as {kind}: {_first_line(e)}") from None
     if rows == 0:
-        raise DataError(f"{name}: has a header but no rows")
+        raise DataError(_no_rows(name, kind))
 
 
 def validate(df: pl.DataFrame, source: str, cfg: DataConfig, *, min_per_class: int | None = None,

@@ -86,7 +86,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: FinetuneConfig, *, chunk_rows: in
         raise ConfigError("data.test_fraction: is 0 but no test file was given; set it above 0 or give test_uri")
 
     def read(role: str) -> Iterator[pl.DataFrame]:
-        chunks = iter_table(raw_dir / sources[role]["file"], sources[role]["uri"], chunk_rows)
+        chunks = iter_table(raw_dir / sources[role]["file"], sources[role]["uri"], chunk_rows,
+                            text_column=data_cfg.text_column)
         if unlabelled:
             return (chunk.with_columns(pl.lit(UNLABELLED).alias(UNLABELLED_COLUMN)) for chunk in chunks)
         return chunks

@@ -171,3 +171,92 @@ def _validate(p: Preset) -> None:
     if p.shared_memory is not None:
         _check(bool(_QUANTITY.match(p.shared_memory)), "shared_memory",
                f"{p.shared_memory!r} is not a size (e.g. 16Gi)")
+
+
+# The prepare pod by name, per run (`--prepare_size`): configs/prepare_sizes.yaml.
+PREPARE_SIZES = Path("configs/prepare_sizes.yaml")
+# The workflow's default: a size chosen from the located input's bytes (`choose_prepare_size`).
+AUTO_SIZE = "auto"
+_BYTES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+@dataclass
+class PrepareSize:
+    name: str = ""
+    description: str = ""
+    # `auto` takes the first size (file order) whose auto_up_to (bytes, a quantity: 1Gi) covers the
+    # located input; None on the last size only: everything larger.
+    auto_up_to: Optional[str] = None
+    requests: ResourceSpec = field(default_factory=ResourceSpec)
+    limits: ResourceSpec = field(default_factory=ResourceSpec)
+
+
+def quantity_bytes(value: str) -> int:
+    """A Kubernetes quantity of bytes (1Gi, 500M, 1024) as a number; ConfigError if it is none."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?", str(value))
+    if not match:
+        raise ConfigError(f"{value!r} is not a size in bytes (e.g. 1Gi, 500M)")
+    return int(float(match.group(1)) * _BYTES[match.group(2) or ""])
+
+
+def load_prepare_sizes(path: Path = PREPARE_SIZES) -> dict[str, PrepareSize]:
+    """Size name -> PrepareSize, in file order, each checked like a preset; ConfigError names the key."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: expected a mapping of prepare size names")
+    if AUTO_SIZE in raw:
+        raise ConfigError(f"{path}: {AUTO_SIZE!r} is not a size name: it means choosing one by the input's bytes")
+    sizes, bound = {}, -1
+    for i, (name, values) in enumerate(raw.items()):
+        last = i == len(raw) - 1
+        try:
+            if not isinstance(values, dict) or "name" in values:
+                raise ConfigError("expected a mapping of size fields (the name is the key)")
+            size = build(PrepareSize, {**values, "name": name})
+            _check_quantities(size)
+            # Prepare runs on CPU: a GPU here would be paid for and idle.
+            _check(size.limits.gpu == 0 and size.requests.gpu == 0, "limits.gpu", "prepare uses no GPU; must be 0")
+            _check(size.requests.mem == size.limits.mem, "requests.mem",
+                   f"must equal limits.mem ({size.limits.mem}): a pod using what it asked for is then never evicted")
+            if last:
+                _check(size.auto_up_to is None, "auto_up_to", "must be null on the last size (it takes the rest)")
+            else:
+                _check(size.auto_up_to is not None, "auto_up_to", "required but on the last size")
+                try:
+                    up_to = quantity_bytes(size.auto_up_to)
+                except ConfigError as e:
+                    raise ConfigError(f"auto_up_to: {e}") from None
+                _check(up_to > bound, "auto_up_to", "must grow from one size to the next")
+                bound = up_to
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {name}.{e}") from None
+        sizes[name] = size
+    return sizes
+
+
+def check_prepare_size(name: str, path: Path = PREPARE_SIZES) -> None:
+    """`auto` or a size in `path`; ConfigError naming the option and listing the sizes otherwise."""
+    sizes = load_prepare_sizes(path)
+    if name == AUTO_SIZE or name in sizes:
+        return
+    names = [AUTO_SIZE, *sizes]
+    hint = difflib.get_close_matches(name, names, n=1)
+    suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+    raise ConfigError(f"prepare_size: {name!r} is not a prepare size{suggestion}; one of {', '.join(names)} "
+                      f"(sizes in {path})")
+
+
+def choose_prepare_size(name: str, input_bytes: Optional[int], path: Path = PREPARE_SIZES) -> str:
+    """The size prepare runs with: `name` itself, or for `auto` the first size whose `auto_up_to` covers
+    `input_bytes` (None: unknown, as with --prepared_uri where prepare does not run: the first size)."""
+    check_prepare_size(name, path)
+    if name != AUTO_SIZE:
+        return name
+    sizes = load_prepare_sizes(path)
+    for size in sizes.values():
+        if input_bytes is None or size.auto_up_to is None or input_bytes <= quantity_bytes(size.auto_up_to):
+            return size.name
+    raise AssertionError("the last size has no auto_up_to (load_prepare_sizes)")

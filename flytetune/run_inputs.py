@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flytetune import artifacts, registry, storage
 from flytetune.config import ConfigError, FinetuneConfig
-from flytetune.data import READERS, DataError
+from flytetune.data import LABELLED_READERS, DataError
 from flytetune.prepare import META, TEST_TEXTS
 
 PRODUCTION = "production"
@@ -72,7 +72,8 @@ def check_eval_uri(cfg: FinetuneConfig) -> None:
     uri = cfg.gate.eval_uri
     if uri is None:
         return
-    if Path(uri).suffix.lower() not in READERS:
-        raise ConfigError(f"gate.eval_uri: {uri}: unsupported file type; use one of {', '.join(READERS)}")
+    # Scoring needs labels: text lines (.txt) hold none.
+    if Path(uri).suffix.lower() not in LABELLED_READERS:
+        raise ConfigError(f"gate.eval_uri: {uri}: unsupported file type; use one of {', '.join(LABELLED_READERS)}")
     if storage.stat(uri) is None:
         raise ConfigError(f"gate.eval_uri: {uri}: no such file")

@@ -20,10 +20,12 @@ from kubernetes.client import (
     V1VolumeProjection,
 )
 
-from flytetune.presets import ResourceSpec, load_step_resources
+from flytetune.config import ConfigError
+from flytetune.presets import ResourceSpec, load_prepare_sizes, load_step_resources
 
 # Found from this file, not the working directory: the same in a checkout, the image and a fast-registered pod.
 STEP_RESOURCES = Path(__file__).resolve().parents[1] / "configs" / "resources.yaml"
+PREPARE_SIZES = Path(__file__).resolve().parents[1] / "configs" / "prepare_sizes.yaml"
 # Tasks that need no torch run in a light image (docker/Dockerfile, target `light`), pushed beside
 # the train image: <registry>/flytetune-train:<tag> -> <registry>/flytetune-train-light:<tag>.
 LIGHT_IMAGE = "{{.image.default.fqn}}-light:{{.image.default.version}}"
@@ -41,6 +43,17 @@ def resources(spec: ResourceSpec) -> Resources:
 def step(name: str) -> dict:
     """The @task keyword arguments for a CPU step's requests and limits."""
     spec = load_step_resources(STEP_RESOURCES)[name]
+    return dict(requests=resources(spec.requests), limits=resources(spec.limits))
+
+
+def prepare_resources(name: Optional[str] = None) -> dict:
+    """The requests and limits of a prepare size (configs/prepare_sizes.yaml; default: the first, the
+    smallest), as @task or with_overrides keyword arguments."""
+    sizes = load_prepare_sizes(PREPARE_SIZES)
+    name = name or next(iter(sizes))
+    if name not in sizes:  # `auto` too: resolve turns it into a size
+        raise ConfigError(f"prepare_size: {name!r} is not a prepare size; one of {', '.join(sizes)} ({PREPARE_SIZES})")
+    spec = sizes[name]
     return dict(requests=resources(spec.requests), limits=resources(spec.limits))
 
 

@@ -23,8 +23,8 @@ from flytetune.storage.uri import is_local
 from tests.cluster.harness import cli_literal, python_value
 from tests.conftest import IMAGE, LIGHT_IMAGE, REPO, primary_container, task_specs
 
-LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare", "tasks.steps.prepared_data",
-         "tasks.steps.publish", "workflows.watchdog.remind"}
+LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_and_prepare", "tasks.steps.copy_dataset", "tasks.steps.prepare",
+         "tasks.steps.prepared_data", "tasks.steps.publish", "workflows.watchdog.remind"}
 TASKS = {*LIGHT, "tasks.finetune.train_on_preset", "tasks.finetune.train", "tasks.finetune.train_distributed",
          "tasks.finetune.evaluate"}
 # Tasks that may read or write s3://: the dataset, --prepared_uri, --from_checkpoint, --init_from, checkpoints,
@@ -119,6 +119,13 @@ def test_fast_registration_unpacks_where_the_image_user_can_write(tmp_path):
         resources = tar.extractfile(bundled["configs/resources.yaml"]).read()
     assert resources == (REPO / "configs" / "resources.yaml").read_bytes()
     assert "configs/presets/a100.yaml" in bundled and not any(n.startswith(".venv") for n in bundled)
+    # Read by the copy_and_prepare pod when it applies the run's size.
+    assert tar_bytes(code, "configs/prepare_sizes.yaml") == (REPO / "configs" / "prepare_sizes.yaml").read_bytes()
+
+
+def tar_bytes(archive: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return tar.extractfile(name).read()
 
 
 def launch_plans(package) -> dict[str, launch_plan_pb2.LaunchPlanSpec]:
@@ -133,12 +140,11 @@ def launch_plans(package) -> dict[str, launch_plan_pb2.LaunchPlanSpec]:
 
 def test_launch_plans_keep_checkpoints_and_models_off_the_pod(package):
     plans = launch_plans(package)
-    # The workflow's default plan is what `pyflyte run --remote` with no arguments starts. The copy
-    # and prepare sub-workflow gets a default plan too; it takes no config and publishes nothing.
+    # The workflow's default plan is what `pyflyte run --remote` with no arguments starts.
     assert set(plans) == {"workflows.finetune.finetune", "finetune_weekly_a100", "finetune_debug_t4",
-                          "workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min"}
+                          "workflows.watchdog.watchdog", "watchdog_every_30_min"}
     # The cost guard's plans train nothing (tests/test_watchdog.py).
-    for name in ("workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min"):
+    for name in ("workflows.watchdog.watchdog", "watchdog_every_30_min"):
         del plans[name]
     for name, spec in plans.items():
         inputs = {k: p.default for k, p in spec.default_inputs.parameters.items() if p.HasField("default")}
@@ -161,12 +167,13 @@ def test_training_receives_the_config_resolve_returns(package):
     for consumer in ("train_on_preset", "evaluate", "publish"):
         (binding,) = [b.binding.promise for b in nodes[consumer].inputs if b.var == "cfg"]
         assert (binding.node_id, binding.var) == (resolve_id, "cfg"), consumer
-    # Copy and prepare take what resolve checked (the data's fingerprint, the data settings): a typo
-    # fails in resolve before any data moves.
+    # Copy and prepare take what resolve checked (the data's fingerprint, the data settings, the prepare
+    # size `auto` resolved to): a typo fails in resolve before any data moves.
     copy_and_prepare = nodes["data"].branch_node.if_else.case.then_node
     bound = {b.var: b.binding.promise for b in copy_and_prepare.inputs}
     assert (bound["fingerprint"].node_id, bound["fingerprint"].var) == (resolve_id, "dataset_fingerprint")
     assert (bound["settings"].node_id, bound["settings"].var) == (resolve_id, "prepare_settings")
+    assert (bound["prepare_size"].node_id, bound["prepare_size"].var) == (resolve_id, "prepare_size")
 
 
 def run_as_pod(package, task: str, inputs: dict[str, literals_pb2.Literal], tmp: Path, raw_prefix: str,
@@ -216,7 +223,8 @@ def resolve_inputs(config: literals_pb2.Literal, output_uri: str = AUTO) -> dict
                 primitive=literals_pb2.Primitive(datetime=newest))),
             "retrain_anyway": literals_pb2.Literal(scalar=literals_pb2.Scalar(
                 primitive=literals_pb2.Primitive(boolean=False))),
-            "prepared_uri": text(""), "init_from": none}
+            "prepared_uri": text(""), "init_from": none, "prepare_size": text("auto"),
+            "objective": text("classification")}
 
 
 def test_a_config_edited_after_the_image_was_built_reaches_training(package, s3_bucket, tmp_path):
@@ -231,6 +239,8 @@ def test_a_config_edited_after_the_image_was_built_reaches_training(package, s3_
     assert error is None, error
     cfg = python_value(outputs["cfg"], FinetuneConfig)
     assert (cfg.data.max_length, cfg.train.learning_rate, cfg.train.epochs) == (40, 1.234e-4, 2)
+    # `auto` resolved in the pod, from the sample's bytes.
+    assert python_value(outputs["prepare_size"], str) == "standard"
     # On a cluster, `auto` means the execution's bucket: checkpoints outlive a preempted pod.
     assert cfg.checkpoint.uri == f"s3://{s3_bucket}/flytetune/checkpoints"
     assert python_value(outputs["output_uri"], str) == f"s3://{s3_bucket}/flytetune/models"

@@ -135,8 +135,10 @@ def test_the_workflow_runs_in_the_image_s3_to_gcs_to_s3(cluster, buckets, uninte
     assert any(key.endswith(f"step-{STEPS:06d}/manifest.json") for key in checkpoints), checkpoints
     # Every node ran in a container of its own, as the image's user, once.
     nodes = [a.node for a in cluster.attempts if a.env["FLYTE_INTERNAL_EXECUTION_ID"] == "fc0ffee0001"]
-    # n1 is the branch on --prepared_uri: copy_and_prepare (n1-n0), a sub-workflow of copy and prepare.
-    assert nodes == ["n0", "n1-n0-n0", "n1-n0-n1", "n2", "n2-train-cpu", "n3", "n4"], nodes
+    # n1 is the branch on --prepared_uri: copy_and_prepare (n1-n0), a dynamic whose pod yields the copy
+    # and the prepare node, the latter named after the prepare size resolve chose (`auto`: standard).
+    assert nodes == ["n0", "n1-n0", "n1-n0-copy-dataset", "n1-n0-prepare-standard", "n2", "n2-train-cpu", "n3",
+                     "n4"], nodes
     for attempt in cluster.attempts:
         print(f"  {attempt.container}: {attempt.seconds:.1f} s")
 

@@ -243,7 +243,8 @@ def test_every_split_must_be_non_empty(tmp_path, monkeypatch):
 
 
 def test_empty_dataset_uri(tmp_path):
-    with pytest.raises(DataError, match=r"^dataset_uri is empty; give a CSV, parquet or JSON lines file$"):
+    with pytest.raises(DataError,
+                       match=r"^dataset_uri is empty; give a CSV, parquet, JSON lines or text lines \(\.txt\) file$"):
         copy_dataset("", tmp_path)
     assert not (tmp_path / "sources.json").exists()
 
@@ -253,9 +254,74 @@ def test_directory_as_dataset(tmp_path, name):
     folder = tmp_path / name
     folder.mkdir()
     (folder / "part-0.parquet").write_bytes(b"x")
-    with pytest.raises(DataError, match=rf"{name}: is a directory; dataset_uri must name a CSV, parquet or "
-                                        r"JSON lines file$"):
+    with pytest.raises(DataError, match=rf"{name}: is a directory; dataset_uri must name a CSV, parquet, "
+                                        r"JSON lines or text lines \(\.txt\) file$"):
         copy_dataset(str(folder), tmp_path / "raw")
     with pytest.raises(DataError, match=rf"{name}: is a directory; test_uri must name"):
         frame().write_csv(tmp_path / "d.csv")
         copy_dataset(str(tmp_path / "d.csv"), tmp_path / "raw", test_uri=str(folder))
+
+
+# Plain text lines (.txt): unlabelled text, one text per line, read into the configured text column.
+
+def test_text_lines_are_one_column_without_blank_lines(tmp_path):
+    from flytetune.data import iter_table
+
+    path = tmp_path / "corpus.txt"
+    # A byte-order mark, Windows line ends, blank and whitespace-only lines, no final line break.
+    path.write_bytes("\ufefffirst text\r\n\r\n  second, with \"quotes\"\tand a tab \n   \nthird".encode())
+    expected = ["first text", "  second, with \"quotes\"\tand a tab ", "third"]
+    assert read_table(path, text_column="body").to_dict(as_series=False) == {"body": expected}
+    chunks = list(iter_table(path, "s3://b/corpus.txt", chunk_rows=2, text_column="body"))
+    assert [c.height for c in chunks] == [2, 1] and all(c.columns == ["body"] for c in chunks)
+    assert pl.concat(chunks).get_column("body").to_list() == expected
+
+
+def test_text_lines_across_parts_stream_in_name_order(tmp_path):
+    from flytetune.data import iter_table
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "part-0001.txt").write_text("c\nd\n")
+    (folder / "part-0000.txt").write_text("a\n\nb\n")
+    chunks = list(iter_table(folder, "s3://b/export/", chunk_rows=10))
+    assert [c.get_column(TEXT).to_list() for c in chunks] == [["a", "b"], ["c", "d"]]
+
+
+def test_non_utf8_text_lines_are_refused_naming_the_file(tmp_path):
+    from flytetune.data import iter_table
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("ok\ncaf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    problem = r"s3://b/latin1.txt: not valid UTF-8 at byte 6 \(line 2\): b'\\xe9 cr'; re-encode the file as UTF-8"
+    with pytest.raises(DataError, match=problem):
+        list(iter_table(path, "s3://b/latin1.txt"))
+    with pytest.raises(DataError, match=problem):
+        read_table(path, "s3://b/latin1.txt")
+
+
+def test_only_blank_lines_is_no_data(tmp_path):
+    from flytetune.data import iter_table
+
+    path = tmp_path / "blank.txt"
+    path.write_text("\n  \n\n")
+    with pytest.raises(DataError, match=r"blank.txt: has only blank lines"):
+        list(iter_table(path))
+
+
+def test_a_txt_dataset_is_located_and_copied(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("one\ntwo\n")
+    sources = copy_dataset(str(path), tmp_path / "raw")
+    assert sources == {"dataset": {"uri": str(path), "file": "dataset.txt"}}
+    assert (tmp_path / "raw" / "dataset.txt").read_text() == "one\ntwo\n"
+
+
+def test_a_non_utf8_txt_part_of_an_export_is_refused_in_the_copy_naming_it(tmp_path):
+    folder = tmp_path / "exports" / "dt=2026-11-23"
+    folder.mkdir(parents=True)
+    (folder / "part-0000.txt").write_text("fine\n")
+    (folder / "part-0001.txt").write_bytes(b"caf\xe9\n")
+    (folder / "_SUCCESS").write_bytes(b"")
+    with pytest.raises(DataError, match=re.escape(f"{folder}/part-0001.txt: not valid UTF-8 at byte 3 (line 1)")):
+        copy_dataset(f"{tmp_path}/exports/", tmp_path / "raw")

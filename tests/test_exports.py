@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 from datetime import datetime, timezone
 
 import polars as pl
@@ -147,7 +148,7 @@ def test_copy_export_copies_the_parts_and_returns_lineage(prefix, tmp_path):
 
 def test_copy_dataset_on_a_prefix_uses_the_export_and_records_it(prefix, tmp_path):
     """What the copy task does with a prefix: the chosen export's parts as one table, and its lineage."""
-    from flytetune.data import copy_dataset, load_sources
+    from flytetune.data import copy_dataset, iter_table, load_sources
 
     export(prefix, "2026-11-16")
     export(prefix, "2026-11-23", parts=3)
@@ -156,5 +157,66 @@ def test_copy_dataset_on_a_prefix_uses_the_export_and_records_it(prefix, tmp_pat
     assert sources == load_sources(tmp_path / "raw")
     record = sources["dataset"]
     assert record["uri"] == prefix and record["export"]["uri"] == f"{prefix}dt=2026-11-23/"
-    assert pl.read_parquet(tmp_path / "raw" / record["file"]).height == 3 + 4 + 5
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["dataset.parquet", "sources.json"]
+    table = pl.concat(iter_table(tmp_path / "raw" / record["file"], record["uri"]))
+    assert table.get_column("text").to_list() == [f"t{i}" for n in (3, 4, 5) for i in range(n)], "parts in name order"
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["dataset-parts", "sources.json"]
+
+
+def test_the_export_is_copied_as_its_parts_never_concatenated(prefix, tmp_path):
+    """The copy keeps the export's parts as they are, in a folder prepare streams part by part: no
+    step holds the whole export in memory, however many rows it has."""
+    from flytetune.data import copy_dataset
+
+    export(prefix, "2026-11-23", parts=3)
+    sources = copy_dataset(prefix, tmp_path / "raw")
+    folder = tmp_path / "raw" / sources["dataset"]["file"]
+    assert folder.is_dir() and sources["dataset"]["file"] == "dataset-parts"
+    names = ["part-0000.parquet", "part-0001.parquet", "part-0002.parquet"]
+    assert sorted(p.name for p in folder.iterdir()) == names
+    # Byte for byte the export's objects: copied, not read and written again.
+    for name in names:
+        assert (folder / name).read_bytes() == storage.read_bytes(f"{prefix}dt=2026-11-23/{name}")
+    assert [f["file"] for f in sources["dataset"]["export"]["files"]] == names
+
+
+def _write_part(prefix: str, name: str, frame: pl.DataFrame | None = None, data: bytes | None = None) -> None:
+    if data is None:
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer)
+        data = buffer.getvalue()
+    storage.write_bytes(f"{prefix}dt=2026-11-23/{name}", data)
+
+
+@pytest.mark.parametrize("second, problem", [
+    (pl.DataFrame({"text": ["x"], "label": [1]}),
+     "column 'label' has type Int64, but String in {first}; the data files of {folder} must share columns and types"),
+    (pl.DataFrame({"text": ["x"], "label": ["a"], "extra": [1.0]}),
+     "columns (text, label, extra) differ from those of {first} (text, label)"),
+    (pl.DataFrame({"body": ["x"], "label": ["a"]}), "columns (body, label) differ from those of {first} (text, label)"),
+    (b"not parquet", "cannot be read as parquet"),
+    (b"", "file is empty"),
+])
+def test_a_part_that_does_not_fit_is_refused_in_the_copy_naming_it(prefix, tmp_path, second, problem):
+    """Checked on the parts' schemas when they are copied, before prepare reads a row."""
+    from flytetune.data import DataError, copy_dataset
+
+    folder = f"{prefix}dt=2026-11-23/"
+    _write_part(prefix, "part-0000.parquet", pl.DataFrame({"text": ["a", "b"], "label": ["a", "b"]}))
+    if isinstance(second, bytes):
+        _write_part(prefix, "part-0001.parquet", data=second)
+    else:
+        _write_part(prefix, "part-0001.parquet", second)
+    storage.write_bytes(f"{folder}{MARKER}", b"")
+    expected = f"{folder}part-0001.parquet: " + problem.format(first=f"{folder}part-0000.parquet", folder=folder)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        copy_dataset(prefix, tmp_path / "raw")
+
+
+def test_parts_may_differ_in_integer_width_and_all_null_columns(tmp_path):
+    """What prepare reads as the same strings: Int32 and Int64 labels, a column all null in one part."""
+    from flytetune.data import check_parts
+
+    first, second = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pl.DataFrame({"text": ["a"], "label": pl.Series([1], dtype=pl.Int32), "note": ["n"]}).write_parquet(first)
+    pl.DataFrame({"text": ["b"], "label": pl.Series([2], dtype=pl.Int64), "note": [None]}).write_parquet(second)
+    check_parts([(first, "s3://b/a.parquet"), (second, "s3://b/b.parquet")], "s3://b/")

@@ -135,8 +135,9 @@ def test_bad_dataset_fails_with_one_clear_line(tmp_path, case):
         (["--set", "train.epoch=2"], "train.epoch: unknown key (did you mean train.epochs?)"),
         (["--set", "train.epochs=two"], "train.epochs: expected int, got 'two'"),
         (["--dataset_uri", "no/such/file.csv"], "no/such/file.csv"),
-        (["--dataset_uri", ""], "error: dataset_uri is empty; give a CSV, parquet or JSON lines file"),
-        (["--dataset_uri", "flytetune"], "flytetune: is a directory; dataset_uri must name a CSV, parquet or JSON"),
+        (["--dataset_uri", ""],
+         "error: dataset_uri is empty; give a CSV, parquet, JSON lines or text lines (.txt) file"),
+        (["--dataset_uri", "flytetune"], "flytetune: is a directory; dataset_uri must name a CSV, parquet, JSON"),
         (["--set", "data.test_fraction=0"], "error: data.test_fraction: is 0 but no test file was given"),
         (["--set", "data.max_rows=40"], "data.max_rows=40 is too small for 17 classes with "
                                         "data.min_examples_per_class=5 (needs at least 85)"),

@@ -89,7 +89,8 @@ CASES = {
     "train missing dataset": Case("train", ["--dataset_uri", "no/such/file.csv"], "no/such/file.csv"),
     "train empty dataset uri": Case("train", ["--dataset_uri", ""], "dataset_uri is empty"),
     "train dataset is a folder": Case("train", lambda t, b: ["--dataset_uri", str(t)],
-                                      "is a directory; dataset_uri must name a CSV, parquet or JSON lines file"),
+                                      "is a directory; dataset_uri must name a CSV, parquet, JSON lines or "
+                                      "text lines (.txt) file"),
     "train unknown scheme": Case("train", ["--dataset_uri", "gopher://host/data.csv"], "unsupported scheme 'gopher'"),
     "train single class": Case("train", lambda t, b: ["--dataset_uri", csv(t, "one.csv", rows(lambda i: "food"))],
                                "label column 'label' has only class 'food'"),

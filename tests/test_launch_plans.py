@@ -64,9 +64,13 @@ def test_default_inputs(package):
     assert python_value(weekly["dataset_uri"], str) == "s3://flytetune-data/transactions/exports/"
     assert python_value(weekly["output_uri"], str) == "s3://flytetune-artifacts/models"
     assert plans["finetune_weekly_a100"].fixed_inputs.literals["preset"].scalar.primitive.string_value == "a100"
+    # Prepare's pod follows the export's size (resolve's `auto`), and stays open to a hand-started run.
+    for name in ("finetune_weekly_a100", "finetune_debug_t4"):
+        assert python_value(defaults(plans[name])["prepare_size"], str) == "auto", name
+        assert "prepare_size" not in plans[name].fixed_inputs.literals, name
     # Started by hand (any plan, or the workflow's default plan), no cutoff: the newest complete export.
     for name, spec in plans.items():
-        # The sub-workflow's plan requires kickoff_time; the cost guard's plans (tests/test_watchdog.py) have none.
-        if name not in ("workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min"):
+        # The cost guard's plans (tests/test_watchdog.py) have no kickoff_time.
+        if name not in ("workflows.watchdog.watchdog", "watchdog_every_30_min"):
             assert python_value(defaults(spec)["kickoff_time"], datetime) == NO_CUTOFF, name
     assert python_value(defaults(plans["finetune_debug_t4"])["output_uri"], str) == "auto"

@@ -10,11 +10,12 @@ from decimal import Decimal
 import pytest
 import yaml
 
-from flytetune.presets import available, load_preset
+from flytetune.presets import available, load_prepare_sizes, load_preset
 from tests.conftest import REPO
 
 FLYTE_CONFIGS = REPO / "configs" / "flyte"
 STEP_RESOURCES = REPO / "configs" / "resources.yaml"
+PREPARE_SIZES = REPO / "configs" / "prepare_sizes.yaml"
 CHARTS = ["flyte-core", "flyte-binary"]
 
 # preset / resources.yaml field -> flyteadmin TaskResourceSet key (flyteadmin/pkg/runtime/interfaces).
@@ -126,6 +127,15 @@ def test_limits_cover_every_step(chart):
     for name, spec in steps.items():
         _assert_fit(limits, _requirements(spec["requests"], f"{name}.requests")
                     + _requirements(spec["limits"], f"{name}.limits"), chart)
+
+
+def test_limits_cover_every_prepare_size(chart):
+    sizes = load_prepare_sizes(PREPARE_SIZES)
+    assert sizes, f"{PREPARE_SIZES}: no sizes"
+    limits = platform(chart)["task_resources"]["limits"]
+    for name, size in sizes.items():
+        _assert_fit(limits, _requirements(size.requests, f"prepare size {name}.requests")
+                    + _requirements(size.limits, f"prepare size {name}.limits"), chart)
 
 
 def test_defaults_within_limits_and_no_default_gpu(chart):

@@ -153,8 +153,9 @@ def test_static_task_specs(package):
         assert spec.template.metadata.timeout.seconds == 12 * 3600
         assert primary_container(spec.template)["image"] == IMAGE
     # Everything else runs on small, on-demand CPU pods.
-    for name in ("tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare",
-                 "tasks.finetune.train_on_preset", "tasks.finetune.evaluate", "tasks.steps.publish"):
+    for name in ("tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.copy_and_prepare",
+                 "tasks.steps.prepare", "tasks.finetune.train_on_preset", "tasks.finetune.evaluate",
+                 "tasks.steps.publish"):
         template = specs[name].template
         assert not template.metadata.interruptible
         assert not template.HasField("extended_resources") or not template.extended_resources.gpu_accelerator.device

@@ -84,7 +84,8 @@ def test_each_workflow_refuses_the_other_ones_config(in_repo):
     from tasks.steps import resolve
 
     inputs = dict(overrides="", preset="cpu", output_uri="auto", from_checkpoint=None, dataset_uri="unused",
-                  test_uri=None, kickoff_time=NO_CUTOFF, retrain_anyway=True, prepared_uri="", init_from=None)
+                  test_uri=None, kickoff_time=NO_CUTOFF, retrain_anyway=True, prepared_uri="", init_from=None,
+                  prepare_size="auto")
     with pytest.raises(ConfigError, match=r"train.objective: is 'classification' but this workflow trains 'mlm'"):
         resolve(config=load_config(REPO / "configs" / "local.yaml"), objective="mlm", **inputs)
     with pytest.raises(ConfigError, match=r"train.objective: is 'mlm' but this workflow trains 'classification'"):
@@ -184,3 +185,17 @@ def prepared_unlabelled(tmp_path_factory, tiny_backbone) -> Path:
     copy_dataset(str(SAMPLE), raw)
     prepare(raw, out, load_config(TINY_CONFIG, [*[v for v in MLM if v != "--set"], f"model.backbone={tiny_backbone}"]))
     return out
+
+
+def test_plain_text_lines_prepare_as_unlabelled_text(tmp_path, tiny_backbone):
+    from flytetune.data import copy_dataset
+    from flytetune.prepare import prepare
+
+    lines = [f"card payment to shop {i % 250}" for i in range(300)] + ["", "salary acme ltd"]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    copy_dataset(str(tmp_path / "corpus.txt"), tmp_path / "raw")
+    cfg = load_config(TINY_CONFIG, [*[v for v in MLM if v != "--set"], f"model.backbone={tiny_backbone}",
+                                    "data.max_rows=null"])
+    meta = prepare(tmp_path / "raw", tmp_path / "prepared", cfg)
+    assert sum(meta["rows"].values()) == 251, "blank lines skipped, repeated texts dropped"
+    assert meta["labels"] == ["unlabelled"] and meta["label_column"] is None

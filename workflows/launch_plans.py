@@ -14,6 +14,7 @@ from flytekit import CronSchedule, LaunchPlan
 from flytekit.models.core.execution import WorkflowExecutionPhase as Phase
 
 from flytetune.config import AUTO, load_config
+from flytetune.presets import AUTO_SIZE
 from workflows.finetune import finetune
 from workflows.notifications import PROBLEMS, notify
 
@@ -29,6 +30,9 @@ finetune_weekly_a100 = LaunchPlan.get_or_create(
         "dataset_uri": "s3://flytetune-data/transactions/exports/",
         "output_uri": "s3://flytetune-artifacts/models",
         "config": load_config(CONFIGS / "cluster.yaml"),
+        # The exports grow week by week: resolve picks prepare's pod by the chosen export's bytes
+        # (configs/prepare_sizes.yaml). A default, not fixed: a run started by hand may name a size.
+        "prepare_size": AUTO_SIZE,
     },
     fixed_inputs={"preset": "a100"},
     notifications=notify([*PROBLEMS, Phase.SUCCEEDED]),
