@@ -24,12 +24,14 @@ from tests.cluster.harness import cli_literal, python_value
 from tests.conftest import IMAGE, LIGHT_IMAGE, REPO, primary_container, task_specs
 
 LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_and_prepare", "tasks.steps.copy_dataset", "tasks.steps.prepare",
-         "tasks.steps.prepared_data", "tasks.steps.publish", "workflows.watchdog.remind"}
+         "tasks.steps.prepared_data", "tasks.steps.publish", "tasks.steps.publish_backbone",
+         "workflows.watchdog.remind"}
 TASKS = {*LIGHT, "tasks.finetune.train_on_preset", "tasks.finetune.train", "tasks.finetune.train_distributed",
          "tasks.finetune.evaluate"}
 # Tasks that may read or write s3://: the dataset, --prepared_uri, --from_checkpoint, --init_from, checkpoints,
 # production's model for the gate, the published model and the registry.
 S3_TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepared_data", "tasks.steps.publish",
+            "tasks.steps.publish_backbone",
             "tasks.finetune.train", "tasks.finetune.train_distributed", "tasks.finetune.evaluate",
             "workflows.watchdog.remind"}
 
@@ -142,7 +144,7 @@ def test_launch_plans_keep_checkpoints_and_models_off_the_pod(package):
     plans = launch_plans(package)
     # The workflow's default plan is what `pyflyte run --remote` with no arguments starts.
     assert set(plans) == {"workflows.finetune.finetune", "finetune_weekly_a100", "finetune_debug_t4",
-                          "workflows.watchdog.watchdog", "watchdog_every_30_min"}
+                          "workflows.pretrain.pretrain", "workflows.watchdog.watchdog", "watchdog_every_30_min"}
     # The cost guard's plans train nothing (tests/test_watchdog.py).
     for name in ("workflows.watchdog.watchdog", "watchdog_every_30_min"):
         del plans[name]

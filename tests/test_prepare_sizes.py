@@ -108,7 +108,8 @@ def run_resolve(tmp_path: Path, dataset_uri: str, prepare_size: str = AUTO_SIZE)
 
     return resolve(config=load_config(TINY_CONFIG), overrides="", preset="cpu", output_uri=str(tmp_path / "out"),
                    from_checkpoint=None, dataset_uri=dataset_uri, test_uri=None, kickoff_time=NO_CUTOFF,
-                   retrain_anyway=False, prepared_uri="", init_from=None, prepare_size=prepare_size)
+                   retrain_anyway=False, prepared_uri="", init_from=None, prepare_size=prepare_size,
+                   objective="classification")
 
 
 def sparse(path: Path, size: int) -> str:

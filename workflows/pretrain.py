@@ -1,4 +1,4 @@
-"""Continued masked-language-model pretraining: unlabelled text URI in, copy, prepare, pretrain, publish, backbone URI out.
+"""Continued masked-language-model pretraining: text URI in, copy, prepare, pretrain, publish, backbone URI out.
 
     pyflyte run workflows/pretrain.py pretrain \
         [--text_uri URI] [--output_uri URI|auto] [--config configs/pretrain.yaml] [--overrides "k=v ..."]
