@@ -162,8 +162,9 @@ def _tokenizer(spec: dict):
     return tokenizer
 
 
-def _encode(tokenizer, texts: list[str]) -> list:
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+def _encode(tokenizer, texts: list[str], pieces: bool = False) -> list:
+    """Encodings without special tokens; `encode_batch_fast` (no offsets, and no piece strings) unless `pieces`."""
+    encode = tokenizer.encode_batch if pieces else getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     return encode(texts, add_special_tokens=False)
 
 
@@ -365,14 +366,14 @@ def heldout_stats(old_spec: dict, new_spec: dict, new_to_old: np.ndarray, batche
     kept = set(new_to_old.tolist())
     texts = tokens = unk = unk_before = new_unk_texts = changed = all_kept = 0
     for batch in batches:
-        for old, new in zip(_encode(old_tok, batch), _encode(new_tok, batch)):
+        for old, new in zip(_encode(old_tok, batch, pieces=True), _encode(new_tok, batch, pieces=True)):
             texts += 1
             tokens += len(new.ids)
             n_unk, n_unk_before = new.ids.count(new_unk), old.ids.count(old_unk)
             unk += n_unk
             unk_before += n_unk_before
             new_unk_texts += n_unk > n_unk_before
-            changed += new.tokens != old.tokens
+            changed += [int(new_to_old[i]) for i in new.ids] != old.ids
             if all(i in kept for i in old.ids):
                 all_kept += 1
                 if new.tokens != old.tokens or [int(new_to_old[i]) for i in new.ids] != old.ids:

@@ -26,12 +26,12 @@ from tests.conftest import IMAGE, LIGHT_IMAGE, REPO, primary_container, task_spe
 LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepare", "tasks.steps.prepared_data",
          "tasks.steps.publish", "workflows.watchdog.remind"}
 TASKS = {*LIGHT, "tasks.finetune.train_on_preset", "tasks.finetune.train", "tasks.finetune.train_distributed",
-         "tasks.finetune.evaluate"}
+         "tasks.finetune.evaluate", "tasks.prune.prune_model"}
 # Tasks that may read or write s3://: the dataset, --prepared_uri, --from_checkpoint, --init_from, checkpoints,
-# production's model for the gate, the published model and the registry.
+# production's model for the gate, the published model and the registry; the model, corpus and output of prune.
 S3_TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepared_data", "tasks.steps.publish",
             "tasks.finetune.train", "tasks.finetune.train_distributed", "tasks.finetune.evaluate",
-            "workflows.watchdog.remind"}
+            "workflows.watchdog.remind", "tasks.prune.prune_model"}
 
 
 def test_every_task_asks_for_explicit_resources(package):

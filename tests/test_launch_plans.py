@@ -66,7 +66,9 @@ def test_default_inputs(package):
     assert plans["finetune_weekly_a100"].fixed_inputs.literals["preset"].scalar.primitive.string_value == "a100"
     # Started by hand (any plan, or the workflow's default plan), no cutoff: the newest complete export.
     for name, spec in plans.items():
-        # The sub-workflow's plan requires kickoff_time; the cost guard's plans (tests/test_watchdog.py) have none.
-        if name not in ("workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min"):
+        # The sub-workflow's plan requires kickoff_time; the cost guard's plans (tests/test_watchdog.py) and
+        # vocabulary pruning's (tests/test_prune.py) have none.
+        if name not in ("workflows.finetune.copy_and_prepare", "workflows.watchdog.watchdog", "watchdog_every_30_min",
+                        "workflows.prune.prune"):
             assert python_value(defaults(spec)["kickoff_time"], datetime) == NO_CUTOFF, name
     assert python_value(defaults(plans["finetune_debug_t4"])["output_uri"], str) == "auto"
