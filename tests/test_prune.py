@@ -122,6 +122,63 @@ def test_special_tokens_keep_their_ids(minilm_pruned):
     assert new_to_old(out)[:105] == list(range(104)) + [new_to_old(out)[104]] and new_to_old(out)[104] > 103
 
 
+def test_special_tokens_renumbered_when_not_at_the_head(tiny_backbone, tiny_texts, tmp_path, monkeypatch):
+    """Special tokens further into the vocabulary than HEAD_LIMIT move down with the rest: the
+    post-processor, padding and config ids follow them."""
+    from transformers import AutoModel
+
+    monkeypatch.setattr(pruning, "HEAD_LIMIT", 0)
+    report = pruning.prune(tiny_backbone, tiny_texts[0], tmp_path / "out")
+    assert {t: ids["new"] for t, ids in report["special_tokens"].items()} == dict(zip(SPECIALS, range(5)))
+    assert report["vocab"]["after"] == 5 + 6
+    old_tok, new_tok = tokenizer(tiny_backbone), tokenizer(tmp_path / "out")
+    texts = ["coffee shop", "grocery"]
+    ids = new_tok(texts, padding=True)["input_ids"]
+    # old order: the 1996, at 2012, store 3573, coffee 4157, shop 4497, grocery 13025 -> 5 to 10
+    assert ids == [[2, 8, 9, 3], [2, 10, 3, 0]]  # [CLS] coffee shop [SEP] / [CLS] grocery [SEP] [PAD]
+    assert new_tok.convert_ids_to_tokens(ids[1]) == ["[CLS]", "grocery", "[SEP]", "[PAD]"]
+    old = AutoModel.from_pretrained(tiny_backbone, local_files_only=True).eval()
+    new = AutoModel.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        a = old(**old_tok(texts, padding=True, return_tensors="pt")).last_hidden_state
+        b = new(**new_tok(texts, padding=True, return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("processor", ["TemplateProcessing", "BertProcessing", "Sequence"])
+def test_tokenizer_spec_ids_follow_the_tokens(processor):
+    """The ids tokenizer.json holds besides the vocabulary: added tokens, post-processor, padding. (transformers'
+    BertTokenizer rebuilds its post-processor from the vocabulary; the `tokenizers` library reads these.)"""
+    from tokenizers import Tokenizer
+
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, "[PAD]": 3, "[CLS]": 4, "[SEP]": 5}
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for t, i in vocab.items() if t.startswith("[")]
+    if processor == "BertProcessing":
+        post = {"type": "BertProcessing", "sep": ["[SEP]", 5], "cls": ["[CLS]", 4]}
+    else:
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                           {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {t: {"id": t, "ids": [vocab[t]], "tokens": [t]} for t in ("[CLS]", "[SEP]")}}
+        if processor == "Sequence":
+            post = {"type": "Sequence", "processors": [post]}
+    spec = {"version": "1.0", "truncation": None, "added_tokens": added,
+            "padding": {"strategy": {"Fixed": 5}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 3,
+                        "pad_type_id": 0, "pad_token": "[PAD]"},
+            "normalizer": None, "pre_tokenizer": {"type": "BertPreTokenizer"}, "post_processor": post,
+            "decoder": None, "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                                       "max_input_chars_per_word": 100, "vocab": vocab}}
+    assert Tokenizer.from_str(json.dumps(spec)).encode("b").ids == [4, 2, 5, 3, 3]
+    assert pruning.required_ids(spec, {"pad_token_id": 3}) == {0, 3, 4, 5}
+    new = pruning.prune_tokenizer_spec(spec, [0, 2, 3, 4, 5])  # "a" dropped
+    assert new["model"]["vocab"] == {"[UNK]": 0, "b": 1, "[PAD]": 2, "[CLS]": 3, "[SEP]": 4}
+    assert [t["id"] for t in new["added_tokens"]] == [0, 2, 3, 4]
+    encoding = Tokenizer.from_str(json.dumps(new)).encode("b a")
+    assert encoding.tokens == ["[CLS]", "b", "[UNK]", "[SEP]", "[PAD]"] and encoding.ids == [3, 1, 0, 4, 2]
+
+
 @pytest.fixture(scope="module")
 def tiny_texts(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("texts")
