@@ -302,6 +302,22 @@ def test_workflow_runs_locally(tiny_backbone, tiny_texts, tmp_path):
     assert json.loads((out / pruning.REPORT).read_text())["options"]["min_count"] == 2
 
 
+def test_workflow_reads_and_writes_object_storage(tiny_backbone, tiny_texts, s3_bucket):
+    from flytetune import storage
+    from workflows.prune import prune
+
+    model, corpus = f"s3://{s3_bucket}/models/tiny/", f"s3://{s3_bucket}/data/corpus.txt"
+    storage.sync(str(tiny_backbone), model)
+    storage.copy(str(tiny_texts[0]), corpus)
+    out = f"s3://{s3_bucket}/pruned/tiny"
+    assert prune(corpus_uri=corpus, output_uri=out, model=model) == out
+    names = {uri.rsplit("/", 1)[-1] for uri in storage.ls(out)}
+    assert {"model.safetensors", "tokenizer.json", "config.json", pruning.REPORT, pruning.VOCAB_MAP} <= names
+    assert json.loads(storage.read_text(f"{out}/{pruning.REPORT}"))["vocab"]["after"] == 110
+    with pytest.raises(pruning.PruneError, match=f"output_uri: {out} already holds objects"):
+        prune(corpus_uri=corpus, output_uri=out, model=model)
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 
