@@ -27,13 +27,13 @@ LIGHT = {"tasks.steps.resolve", "tasks.steps.copy_and_prepare", "tasks.steps.cop
          "tasks.steps.prepared_data", "tasks.steps.publish", "tasks.steps.publish_backbone",
          "workflows.watchdog.remind"}
 TASKS = {*LIGHT, "tasks.finetune.train_on_preset", "tasks.finetune.train", "tasks.finetune.train_distributed",
-         "tasks.finetune.evaluate"}
+         "tasks.finetune.evaluate", "tasks.prune.prune_model"}
 # Tasks that may read or write s3://: the dataset, --prepared_uri, --from_checkpoint, --init_from, checkpoints,
-# production's model for the gate, the published model and the registry.
+# production's model for the gate, the published model and the registry; the model, corpus and output of prune.
 S3_TASKS = {"tasks.steps.resolve", "tasks.steps.copy_dataset", "tasks.steps.prepared_data", "tasks.steps.publish",
             "tasks.steps.publish_backbone",
             "tasks.finetune.train", "tasks.finetune.train_distributed", "tasks.finetune.evaluate",
-            "workflows.watchdog.remind"}
+            "workflows.watchdog.remind", "tasks.prune.prune_model"}
 
 
 def test_every_task_asks_for_explicit_resources(package):

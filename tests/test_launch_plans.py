@@ -70,7 +70,9 @@ def test_default_inputs(package):
         assert "prepare_size" not in plans[name].fixed_inputs.literals, name
     # Started by hand (any plan, or the workflow's default plan), no cutoff: the newest complete export.
     for name, spec in plans.items():
-        # The cost guard's plans (tests/test_watchdog.py) and pretraining (no dated exports) have no kickoff_time.
-        if name not in ("workflows.watchdog.watchdog", "watchdog_every_30_min", "workflows.pretrain.pretrain"):
+        # The cost guard's plans (tests/test_watchdog.py), pretraining's (no dated exports) and vocabulary
+        # pruning's (tests/test_prune.py) have no kickoff_time.
+        if name not in ("workflows.watchdog.watchdog", "watchdog_every_30_min", "workflows.pretrain.pretrain",
+                        "workflows.prune.prune"):
             assert python_value(defaults(spec)["kickoff_time"], datetime) == NO_CUTOFF, name
     assert python_value(defaults(plans["finetune_debug_t4"])["output_uri"], str) == "auto"
