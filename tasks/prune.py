@@ -9,8 +9,8 @@ from typing import Optional
 
 from flytekit import task
 
+from flytetune import backbone_cache, storage
 from flytetune import prune as pruning
-from flytetune import storage
 from tasks.context import workdir
 from tasks.pods import pod_template, step
 
@@ -42,9 +42,12 @@ def prune_model(model: str, corpus_uri: str, output_uri: str, heldout_uri: Optio
         raise pruning.PruneError(f"output_uri: {output_uri} already holds objects; choose another or set overwrite")
     local_out = (storage.local_path(output_uri) if storage.is_local(output_uri)
                  else workdir("pruned") / Path(output_uri.rstrip("/")).name)
-    pruning.prune(_local(model, "model"), _local(corpus_uri, "corpus"), local_out,
+    # The model through model.backbone's resolution: a URI is fetched and verified against its manifest.
+    pruning.prune(model, _local(corpus_uri, "corpus"), local_out,
                   heldout=_local(heldout_uri, "heldout") if heldout_uri else None, text_column=text_column,
                   min_count=min_count, keep_chars=keep_chars, overwrite=overwrite)
     if not storage.is_local(output_uri):
-        storage.sync(str(local_out), output_uri)
+        # With a manifest, written last: a half-uploaded folder is never taken for a backbone, and
+        # model.backbone=<output_uri> verifies every file.
+        backbone_cache.publish(local_out, output_uri)
     return output_uri

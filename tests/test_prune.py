@@ -306,13 +306,19 @@ def test_workflow_reads_and_writes_object_storage(tiny_backbone, tiny_texts, s3_
     from flytetune import storage
     from workflows.prune import prune
 
-    model, corpus = f"s3://{s3_bucket}/models/tiny/", f"s3://{s3_bucket}/data/corpus.txt"
-    storage.sync(str(tiny_backbone), model)
+    from flytetune import backbone_cache
+    from flytetune.backbone import resolve_backbone
+
+    # A backbone in object storage, as model.backbone takes it: with a manifest.
+    model, corpus = f"s3://{s3_bucket}/models/tiny", f"s3://{s3_bucket}/data/corpus.txt"
+    backbone_cache.publish(tiny_backbone, model)
     storage.copy(str(tiny_texts[0]), corpus)
     out = f"s3://{s3_bucket}/pruned/tiny"
     assert prune(corpus_uri=corpus, output_uri=out, model=model) == out
     names = {uri.rsplit("/", 1)[-1] for uri in storage.ls(out)}
     assert {"model.safetensors", "tokenizer.json", "config.json", pruning.REPORT, pruning.VOCAB_MAP} <= names
+    # Published with a manifest: fine-tuning can name it, and gets every file verified.
+    assert (resolve_backbone(out) / pruning.VOCAB_MAP).is_file()
     assert json.loads(storage.read_text(f"{out}/{pruning.REPORT}"))["vocab"]["after"] == 110
     with pytest.raises(pruning.PruneError, match=f"output_uri: {out} already holds objects"):
         prune(corpus_uri=corpus, output_uri=out, model=model)
