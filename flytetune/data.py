@@ -168,7 +168,8 @@ def check_parts(parts: Sequence[tuple[Path, str]], name: str) -> None:
                                 f"{first_uri}; the data files of {name} must share columns and types")
 
 
-def _schema(path: Path, name: str) -> pl.Schema:
+def _readable_kind(path: Path, name: str) -> str:
+    """The reader kind of a data file by its suffix, once it is known non-empty (and UTF-8 where text)."""
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{name}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
@@ -176,6 +177,11 @@ def _schema(path: Path, name: str) -> pl.Schema:
         raise DataError(f"{name}: file is empty")
     if kind in ("csv", "ndjson", "lines"):
         _check_utf8(path, name)
+    return kind
+
+
+def _schema(path: Path, name: str) -> pl.Schema:
+    kind = _readable_kind(path, name)
     try:
         if kind == "parquet":
             return pl.read_parquet_schema(path)
@@ -228,13 +234,7 @@ def read_table(path: Path, name: str | None = None, text_column: str = TEXT) -> 
         raise DataError(f"{name}: no such file")
     if path.is_dir():
         raise DataError(f"{name}: is a directory; give one {_KINDS} file")
-    kind = READERS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{name}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{name}: file is empty")
-    if kind in ("csv", "ndjson", "lines"):
-        _check_utf8(path, name)
+    kind = _readable_kind(path, name)
     try:
         if kind == "csv":
             df = pl.read_csv(path, infer_schema_length=10_000)

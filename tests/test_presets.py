@@ -27,28 +27,34 @@ def _in_repo(in_repo):
     """Presets are found relative to the project root, as in `make` and in the image."""
 
 
-def compile_training_node(preset: str) -> dynamic_job_pb2.DynamicJobSpec:
-    """What the `train_on_preset` pod returns to propeller for this preset."""
+def compile_dynamic(task, values: dict, type_hints: dict) -> dynamic_job_pb2.DynamicJobSpec:
+    """What a @dynamic task's pod returns to propeller (futures.pb) for these inputs."""
     from flytekit.configuration import ImageConfig, SerializationSettings
     from flytekit.core.context_manager import ExecutionState, FlyteContextManager
     from flytekit.core.type_engine import TypeEngine
-    from flytekit.types.directory import FlyteDirectory
-
-    from tasks.finetune import train_on_preset
 
     # flytekit compiles a dynamic's body once per process (a pod runs it once); compile afresh here.
-    train_on_preset._wf = None
+    task._wf = None
     settings = SerializationSettings(image_config=ImageConfig.auto(img_name=IMAGE))
     ctx = FlyteContextManager.current_context()
     with FlyteContextManager.with_context(ctx.with_serialization_settings(settings)) as ctx:
         mode = ctx.execution_state.with_params(mode=ExecutionState.Mode.TASK_EXECUTION)
         with FlyteContextManager.with_context(ctx.with_execution_state(mode)) as ctx:
-            inputs = TypeEngine.dict_to_literal_map(
-                ctx, {"prepared": FlyteDirectory("gs://bucket/prepared"), "cfg": FinetuneConfig(),
-                      "resume_from": None, "preset": preset},
-                type_hints={"prepared": FlyteDirectory, "cfg": FinetuneConfig, "resume_from": Optional[str],
-                            "preset": str})
-            return train_on_preset.dispatch_execute(ctx, inputs).to_flyte_idl()
+            inputs = TypeEngine.dict_to_literal_map(ctx, values, type_hints=type_hints)
+            return task.dispatch_execute(ctx, inputs).to_flyte_idl()
+
+
+def compile_training_node(preset: str) -> dynamic_job_pb2.DynamicJobSpec:
+    """What the `train_on_preset` pod returns to propeller for this preset."""
+    from flytekit.types.directory import FlyteDirectory
+
+    from tasks.finetune import train_on_preset
+
+    return compile_dynamic(
+        train_on_preset,
+        {"prepared": FlyteDirectory("gs://bucket/prepared"), "cfg": FinetuneConfig(), "resume_from": None,
+         "preset": preset},
+        {"prepared": FlyteDirectory, "cfg": FinetuneConfig, "resume_from": Optional[str], "preset": str})
 
 
 def resources(entries) -> dict[str, str]:
