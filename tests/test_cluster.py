@@ -144,9 +144,10 @@ def test_launch_plans_keep_checkpoints_and_models_off_the_pod(package):
     plans = launch_plans(package)
     # The workflow's default plan is what `pyflyte run --remote` with no arguments starts.
     assert set(plans) == {"workflows.finetune.finetune", "finetune_weekly_a100", "finetune_debug_t4",
-                          "workflows.pretrain.pretrain", "workflows.watchdog.watchdog", "watchdog_every_30_min"}
-    # The cost guard's plans train nothing (tests/test_watchdog.py).
-    for name in ("workflows.watchdog.watchdog", "watchdog_every_30_min"):
+                          "workflows.pretrain.pretrain", "workflows.prune.prune", "workflows.watchdog.watchdog",
+                          "watchdog_every_30_min"}
+    # The cost guard's plans train nothing (tests/test_watchdog.py); pruning has no default output_uri.
+    for name in ("workflows.watchdog.watchdog", "watchdog_every_30_min", "workflows.prune.prune"):
         del plans[name]
     for name, spec in plans.items():
         inputs = {k: p.default for k, p in spec.default_inputs.parameters.items() if p.HasField("default")}
