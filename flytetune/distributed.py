@@ -5,6 +5,7 @@ WORLD_SIZE; without them everything here is a no-op and training runs in one pro
 NCCL on GPUs, gloo on CPU. Only rank 0 writes checkpoints, the model and artifacts.
 """
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,15 @@ def init() -> World:
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # A process that exits with its group alive (rank 1 returns while rank 0 still publishes) can
+        # abort in the group's destructor ("terminate called without an active exception", SIGABRT).
+        atexit.register(_leave)
     return world
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device(world: World) -> torch.device:
