@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 import torch
 
-from flytetune.batches import collate
 from flytetune.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def predict_logits(model: torch.nn.Module, store: FeatureStore, batch_size: int,
     out = np.empty((len(indices), model.config.num_labels), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = collate([store[int(i)] for i in indices[rows]], pad_id)
+        batch = store.batch(indices[rows].tolist(), pad_id)  # one transaction, padded with numpy
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
