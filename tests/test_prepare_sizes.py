@@ -44,8 +44,8 @@ def compile_prepare_node(size: str) -> dynamic_job_pb2.DynamicJobSpec:
 def test_the_sizes_load_in_order():
     sizes = load_prepare_sizes(SIZES_FILE)
     assert list(sizes) == SIZES
-    assert sizes["standard"].auto_up_to == "1Gi" and sizes["large"].auto_up_to is None
-    # Sizes differ in CPUs (tokenising processes) and disk; memory stays small: prepare streams.
+    assert sizes["standard"].auto_up_to == "256Mi" and sizes["large"].auto_up_to is None
+    # Sizes differ in CPUs (tokenising processes), disk, and memory for the 12-46 bytes a row prepare keeps.
     assert int(sizes["large"].limits.cpu) > int(sizes["standard"].limits.cpu)
     for size in sizes.values():
         assert size.limits.gpu == 0 and size.requests.mem == size.limits.mem
@@ -107,20 +107,24 @@ def sparse(path: Path, size: int) -> str:
     return str(path)
 
 
+# configs/prepare_sizes.yaml: standard's auto_up_to (256Mi).
+STANDARD_UP_TO = 256 * 2**20
+
+
 def test_auto_takes_standard_for_the_sample(tmp_path):
     assert run_resolve(tmp_path, str(SAMPLE)).prepare_size == "standard"
 
 
 def test_auto_takes_large_above_the_threshold(tmp_path):
-    assert run_resolve(tmp_path, sparse(tmp_path / "big.parquet", GiB + 1)).prepare_size == "large"
-    assert run_resolve(tmp_path, sparse(tmp_path / "edge.parquet", GiB)).prepare_size == "standard"
+    assert run_resolve(tmp_path, sparse(tmp_path / "big.parquet", STANDARD_UP_TO + 1)).prepare_size == "large"
+    assert run_resolve(tmp_path, sparse(tmp_path / "edge.parquet", STANDARD_UP_TO)).prepare_size == "standard"
 
 
 def test_auto_counts_every_part_of_an_export(tmp_path):
-    """Two parts of 0.6 GiB: neither alone, but the export is above 1 GiB."""
+    """Two parts of 0.6 x the threshold: neither alone, but the export is above it."""
     folder = tmp_path / "exports" / "dt=2026-11-23"
     for name in ("part-0000.parquet", "part-0001.parquet"):
-        sparse(folder / name, int(0.6 * GiB))
+        sparse(folder / name, int(0.6 * STANDARD_UP_TO))
     (folder / MARKER).write_bytes(b"")
     assert run_resolve(tmp_path, f"{tmp_path}/exports/").prepare_size == "large"
 

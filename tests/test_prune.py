@@ -303,11 +303,9 @@ def test_workflow_runs_locally(tiny_backbone, tiny_texts, tmp_path):
 
 
 def test_workflow_reads_and_writes_object_storage(tiny_backbone, tiny_texts, s3_bucket):
-    from flytetune import storage
-    from workflows.prune import prune
-
-    from flytetune import backbone_cache
+    from flytetune import backbone_cache, storage
     from flytetune.backbone import resolve_backbone
+    from workflows.prune import prune
 
     # A backbone in object storage, as model.backbone takes it: with a manifest.
     model, corpus = f"s3://{s3_bucket}/models/tiny", f"s3://{s3_bucket}/data/corpus.txt"

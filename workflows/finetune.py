@@ -51,7 +51,7 @@ def finetune(
     prefix. `preset` names the hardware in configs/presets/ (resources, GPU, spot, retries,
     timeout, processes). `prepare_size` names prepare's pod in configs/prepare_sizes.yaml (CPUs,
     memory, disk): `standard`, `large`, or `auto` (the default), which takes `standard` for up to
-    1 GiB of located input (dataset and test files as stored) and `large` above; it is not part of
+    256 MiB of located input (dataset and test files as stored) and `large` above; it is not part of
     prepare's cache key, so a run with another size reuses prepared data.
     When `dataset_uri` is a prefix of dated exports (`.../dt=YYYY-MM-DD/` folders, complete with
     `_SUCCESS`), the newest complete one dated at or before `kickoff_time` is used; the weekly
