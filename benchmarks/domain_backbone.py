@@ -14,7 +14,10 @@ count (`--threads` sets it); the two models alternate call by call (the same tex
 calls each (batch 1: `--repeats` calls over different texts; batch 64:
 `--batches` batches); the median and the fastest call are printed, the fastest being the steadier
 figure on a shared machine. The largest logit difference over the timed batch-64 texts is printed too,
-as a check that the two compute the same function.
+as a check that the two compute the same function. Then [UNK] on held-out text: the same model
+pruned to the texts outside the sample's test split (prepared with configs/local.yaml, as in part
+(b)), its report on the test split's texts: the share of pieces that are [UNK], of texts with a new
+[UNK], of texts tokenised differently, and of texts whose pieces were all kept.
 
 Part (b), test accuracy of fine-tuning from the stock backbone against an MLM-pretrained one, with
 2%, 10% and 100% of the training labels. The bundled sample is prepared once with configs/local.yaml;
@@ -80,6 +83,31 @@ def side_by_side(models: dict, tokenizers: dict, batches: list[list[str]]) -> di
     return times
 
 
+def split_corpus(tmp: Path, cfg) -> tuple[Path, Path, Path]:
+    """The sample prepared with `cfg` in tmp/prepared, and two text files: every text of the sample
+    except its test split's (tmp/corpus.parquet), and the test split's texts (tmp/test_texts.parquet)."""
+    from flytetune.data import copy_dataset
+    from flytetune.prepare import TEST_TEXTS, prepare
+
+    copy_dataset(str(SAMPLE_DATASET), tmp / "raw")
+    prepared = tmp / "prepared"
+    prepare(tmp / "raw", prepared, cfg)
+    test_texts = pl.read_parquet(prepared / TEST_TEXTS).select("text")
+    corpus = (pl.read_parquet(SAMPLE_DATASET).select(pl.col(cfg.data.text_column).alias("text"))
+              .filter(~pl.col("text").is_in(test_texts.get_column("text").implode())))
+    corpus.write_parquet(tmp / "corpus.parquet")
+    test_texts.write_parquet(tmp / "test_texts.parquet")
+    return prepared, tmp / "corpus.parquet", tmp / "test_texts.parquet"
+
+
+def heldout_unk(source: Path, tmp: Path) -> dict:
+    """The prune report of `source` pruned to the sample without its test split, on the test split's texts."""
+    from flytetune.config import load_config
+
+    _, corpus, test_texts = split_corpus(tmp, load_config(REPO / "configs" / "local.yaml"))
+    return pruning.prune(source, corpus, tmp / "pruned-heldout", heldout=test_texts)
+
+
 def part_a(args) -> dict:
     from transformers import AutoTokenizer
 
@@ -103,6 +131,7 @@ def part_a(args) -> dict:
                               ).abs().max()) for b in batched)
         params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
         sizes = {k: (f / "model.safetensors").stat().st_size for k, f in folders.items()}
+        held = heldout_unk(source, Path(name))
 
     def row(what: str, before, after, unit: str = "", fmt: str = "{:,.0f}") -> None:
         print(f"  {what:<26}{fmt.format(before) + unit:>16}{fmt.format(after) + unit:>16}{after / before:>10.3f}")
@@ -120,7 +149,13 @@ def part_a(args) -> dict:
             row(f"latency, batch {batch} ({stat})", how(times["unpruned"]) * 1e3, how(times["pruned"]) * 1e3, " ms",
                 fmt)
     print(f"  largest logit difference over the batch-64 texts: {diff:.2e}")
-    return {"report": report, "parameters": params, "bytes": sizes, "latency_1": latency_1,
+    h = held["heldout"]
+    print(f"  held-out: pruned to the {held['corpus_texts']:,} texts outside the test split (vocabulary "
+          f"{held['vocab']['after']:,}), on the {h['texts']:,} test texts: [UNK] share {h['unk_token_share']:.4f} "
+          f"of pieces (before {h['unk_token_share_before']:.4f}), texts with a new [UNK] "
+          f"{h['texts_with_new_unk_share']:.3f}, texts tokenised differently {h['texts_changed_share']:.3f}, "
+          f"texts with every piece kept {h['texts_all_kept'] / h['texts']:.3f}")
+    return {"report": report, "heldout": held, "parameters": params, "bytes": sizes, "latency_1": latency_1,
             "latency_64": latency_64, "max_logit_diff": diff}
 
 
@@ -170,25 +205,18 @@ def _finetune_and_test(prepared: Path, backbone: str, cfg, out: Path) -> dict:
 def part_b(args) -> None:
     from flytetune import artifacts, pipeline
     from flytetune.config import load_config
-    from flytetune.data import copy_dataset
-    from flytetune.prepare import TEST_TEXTS, prepare
 
     cfg = load_config(REPO / "configs" / "local.yaml")
     pretrain_cfg = load_config(REPO / "configs" / "pretrain.yaml", [f"train.epochs={args.pretrain_epochs}",
                                                                      "checkpoint.uri=null", "train.log_min_gap_s=60"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        copy_dataset(str(SAMPLE_DATASET), tmp / "raw")
-        prepared = tmp / "prepared"
-        prepare(tmp / "raw", prepared, cfg)
         # Unlabelled text of the domain: every text of the dataset except the test split's, so that the
         # test rows stay unseen by both backbones.
-        test_texts = pl.read_parquet(prepared / TEST_TEXTS).get_column("text")
-        corpus = (pl.read_parquet(SAMPLE_DATASET).select(pl.col(cfg.data.text_column).alias("text"))
-                  .filter(~pl.col("text").is_in(test_texts.implode())))
-        corpus.write_parquet(tmp / "corpus.parquet")
+        prepared, corpus_path, _ = split_corpus(tmp, cfg)
+        corpus = pl.read_parquet(corpus_path)
         started = time.perf_counter()
-        pretrained = pipeline.run(pretrain_cfg, dataset_uri=str(tmp / "corpus.parquet"),
+        pretrained = pipeline.run(pretrain_cfg, dataset_uri=str(corpus_path),
                                   output_uri=str(tmp / "backbones")).run_uri
         pretrain_s = time.perf_counter() - started
         print(f"(b) MLM pretraining: {corpus.height} texts (the dataset without its test split), "

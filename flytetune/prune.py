@@ -31,8 +31,9 @@ a tied or untied output layer such as an MLM head's decoder weight and bias), `c
 and padding ids), vocab.txt, tokenizer_config.json's added_tokens_decoder and added_tokens.json.
 The normalizer, pre-tokenizer, decoder, truncation and padding settings are kept as they are.
 Since WordPiece matches the longest piece first, a text whose pieces were all kept splits into the
-same pieces (same strings) under the new ids, and the model gives the same logits for it; a piece
-that was dropped makes its word [UNK] (or, with `keep_chars`, characters).
+same pieces (same strings) under the new ids, and the model gives the same logits for it; a word
+with a dropped piece is split into the longest kept pieces that cover it (with `keep_chars`,
+characters always do), or becomes [UNK] when none do.
 
 Only fast WordPiece tokenizers (a tokenizer.json whose model is WordPiece: BERT, MiniLM, DistilBERT,
 ELECTRA...) and a single `model.safetensors` are supported; anything else is refused by name.
