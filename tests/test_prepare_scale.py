@@ -48,15 +48,19 @@ def stored(folder: Path, split: str) -> list[tuple[tuple[int, ...], int]]:
     return [(tuple(store[i]["input_ids"].tolist()), store[i]["label"]) for i in range(len(store))]
 
 
-def test_same_token_ids_as_tokenising_in_memory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rows, chunk_rows, bucket_rows", [(6_000, 700, 97), (100_000, None, None)],
+                         ids=["many chunks and buckets", "100k rows"])
+def test_same_token_ids_as_tokenising_in_memory(tmp_path, monkeypatch, rows, chunk_rows, bucket_rows):
     from transformers import AutoTokenizer
 
     from flytetune import prepare_stream
 
-    monkeypatch.setattr(prepare_stream, "BUCKET_ROWS", 97)  # many spill buckets on the way into split order
+    if bucket_rows:
+        monkeypatch.setattr(prepare_stream, "BUCKET_ROWS", bucket_rows)  # many spill buckets into split order
 
-    df = generated(6_000)
-    meta = run(tmp_path, df, chunk_rows=700, workers=2)  # many chunks, and the worker processes
+    df = generated(rows)
+    # The worker processes; with chunk_rows, many chunks.
+    meta = run(tmp_path, df, workers=2, **({"chunk_rows": chunk_rows} if chunk_rows else {}))
     kept = df.unique(maintain_order=True)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prepared" / "tokenizer")
     # What prepare did before it streamed: one call over every text.
@@ -98,6 +102,27 @@ def test_split_is_stratified_and_the_same_on_every_run(tmp_path):
     for split in SPLITS:
         assert Counter(stored(tmp_path / "shuffled" / "prepared", split)) == \
             Counter(stored(tmp_path / "prepared", split)), split
+
+
+# sha256 of the bundled sample's test texts, in test_texts.parquet's order, under configs/local.yaml.
+SAMPLE_TEST_SPLIT = "54b8a86b079dda4d80bdb3a97d383dc28c617408431eaad8089ca46f5b3ec76a"
+
+
+def test_the_samples_split_is_the_recorded_one(tmp_path):
+    """The split orders rows by polars' text hash, which polars does not promise to keep across versions:
+    a lock-file upgrade that changes it would score new models on other test rows than production's."""
+    import hashlib
+
+    from flytetune.config import load_config
+    from flytetune.data import SAMPLE_DATASET, copy_dataset
+
+    copy_dataset(str(SAMPLE_DATASET), tmp_path / "raw")
+    prepare(tmp_path / "raw", tmp_path / "prepared", load_config(REPO / "configs" / "local.yaml"))
+    texts = pl.read_parquet(tmp_path / "prepared" / TEST_TEXTS).get_column("text").to_list()
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    assert digest == SAMPLE_TEST_SPLIT, (
+        f"the sample's test split changed ({digest}): if a dependency changed the text hash, bump "
+        f"tasks/steps.py PREPARE_CACHE_VERSION (cached prepares hold the old split) and record the new digest")
 
 
 HOSTILE = {

@@ -39,7 +39,8 @@ def pretrain(
     prepare_size: str = AUTO_SIZE,
 ) -> str:
     """Continue the MLM pretraining of `model.backbone` on the text column of `text_uri` (CSV, parquet,
-    JSON lines, or a folder of parts; labels, if any, are not read) and publish the result under
+    JSON lines, or a folder of parts; labels, if any, are not read) or on its lines (a `.txt` file, one
+    text per line), and publish the result under
     `output_uri`/`model.name`/<version>. Returns that version's URI."""
     run = resolve(config=config, overrides=overrides, preset=preset, output_uri=output_uri,
                   from_checkpoint=from_checkpoint, dataset_uri=text_uri, test_uri=None, kickoff_time=NO_CUTOFF,
