@@ -32,10 +32,13 @@ from flytetune.presets import Preset
 
 log = logging.getLogger(__name__)
 
-# The training workflow; its `preset` input defaults to "cpu" (workflows/finetune.py).
+# The training workflows and the default of their `preset` input (workflows/finetune.py, pretrain.py);
+# tests/test_watchdog.py checks this against every workflow with a `preset` input.
 FINETUNE_WORKFLOW = "workflows.finetune.finetune"
+PRETRAIN_WORKFLOW = "workflows.pretrain.pretrain"
 DEFAULT_PRESET = "cpu"
-# A finetune execution whose inputs flyteadmin did not return (offloaded): reminded about after the
+TRAINING_WORKFLOWS = {FINETUNE_WORKFLOW: DEFAULT_PRESET, PRETRAIN_WORKFLOW: DEFAULT_PRESET}
+# A training execution whose inputs flyteadmin did not return (offloaded): reminded about after the
 # shortest threshold of all presets, with no cost estimate.
 UNKNOWN_PRESET = "unknown"
 RUNNING = "RUNNING"
@@ -108,8 +111,8 @@ def from_admin(execution: Mapping, inputs: Optional[Mapping]) -> RunningExecutio
     ident, spec, closure = execution["id"], execution.get("spec", {}), execution.get("closure", {})
     workflow = closure.get("workflowId", {}).get("name", "")
     preset = _string_input(inputs, "preset")
-    if preset is None and workflow == FINETUNE_WORKFLOW:
-        preset = UNKNOWN_PRESET if not inputs else DEFAULT_PRESET
+    if preset is None and workflow in TRAINING_WORKFLOWS:
+        preset = UNKNOWN_PRESET if not inputs else TRAINING_WORKFLOWS[workflow]
     # A running execution has started_at; created_at stands in for one that has not started yet.
     started = closure.get("startedAt") or closure.get("createdAt")
     if not started:

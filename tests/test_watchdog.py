@@ -141,6 +141,39 @@ def test_a_preset_the_watchdog_does_not_know_is_reminded_about_early_without_a_c
     assert guard.from_admin(weekly["execution"], {"literals": {}}).preset == "cpu"
 
 
+def test_a_pretraining_run_without_inputs_is_still_a_training_run():
+    """workflows/pretrain.py trains on the same presets (h100x8 included): flyteadmin not inlining its
+    inputs must not hide it from the cost guard."""
+    weekly = RECORDED["executions"][0]["execution"]
+    closure = {**weekly["closure"], "workflowId": {**weekly["closure"]["workflowId"],
+                                                   "name": "workflows.pretrain.pretrain"}}
+    pretrain = {**weekly, "closure": closure}
+    assert guard.from_admin(pretrain, None).preset == guard.UNKNOWN_PRESET
+    assert guard.from_admin(pretrain, {"literals": {}}).preset == "cpu"  # pretrain's own default
+    unknown = guard.from_admin(pretrain, None)
+    (reminder,) = guard.due([unknown], PRESETS, unknown.started_at + timedelta(hours=3.1))
+    assert reminder.threshold_hours == min(p.remind_after_hours for p in PRESETS.values())
+
+
+def test_every_workflow_with_a_preset_input_is_known_to_the_watchdog():
+    """A new training workflow (one with a `preset` input) must be added to guard.TRAINING_WORKFLOWS with
+    its default, or the watchdog never reminds about it when flyteadmin returns no inputs."""
+    import importlib
+    import inspect
+
+    from flytekit.core.workflow import WorkflowBase
+
+    found = {}
+    for path in sorted((REPO / "workflows").glob("*.py")):
+        module = importlib.import_module(f"workflows.{path.stem}")
+        for value in vars(module).values():
+            if isinstance(value, WorkflowBase) and value.name.startswith("workflows."):
+                parameter = inspect.signature(value._workflow_function).parameters.get("preset")
+                if parameter is not None:
+                    found[value.name] = parameter.default
+    assert found == guard.TRAINING_WORKFLOWS
+
+
 def test_the_reminder_names_the_run_its_preset_time_cost_and_link(webhook, tmp_path, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     report = remind(recorded_executions(), NOW, webhook.url, str(tmp_path / "state"))
