@@ -150,9 +150,13 @@ def test_gke_accelerator_names_not_flytekit_h100():
     assert "nvidia-h100" not in GKE_ACCELERATORS
 
 
+# The tasks the presets put on GPUs (tasks/presets.py, in train_on_preset's dynamic workflow).
+TRAINING_TASKS = ("tasks.finetune.train", "tasks.finetune.train_distributed")
+
+
 def test_static_task_specs(package):
     specs = task_specs(package)
-    for name in ("tasks.finetune.train", "tasks.finetune.train_distributed"):
+    for name in TRAINING_TASKS:
         spec = specs[name]
         assert spec.template.metadata.interruptible is True
         assert spec.template.metadata.retries.retries == 0, "the preset's retries apply (see effective_retries)"
@@ -165,6 +169,14 @@ def test_static_task_specs(package):
         template = specs[name].template
         assert not template.metadata.interruptible
         assert not template.HasField("extended_resources") or not template.extended_resources.gpu_accelerator.device
+    # Whatever a later change adds: a task that can hold a GPU (or a spot node) ends by itself.
+    for name, spec in specs.items():
+        template = spec.template
+        gpu = "gpu" in {**resources(template.container.resources.requests),
+                        **resources(template.container.resources.limits)}
+        accelerator = template.HasField("extended_resources") and template.extended_resources.gpu_accelerator.device
+        if gpu or accelerator or template.metadata.interruptible or name in TRAINING_TASKS:
+            assert template.metadata.timeout.seconds > 0, f"{name}: may hold a GPU and has no timeout"
 
 
 def test_launch_plans_pin_their_preset(package):

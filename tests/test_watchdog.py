@@ -378,6 +378,22 @@ def test_the_scheduled_task_reminds_once_as_its_pod_runs_it(package, admin, webh
     assert storage.exists(f"s3://{s3_bucket}/flytetune/watchdog/reminded/{WEEKLY}.json")
 
 
+def test_a_state_uri_inside_the_pod_is_refused(package, tmp_path):
+    inputs = {"project": text_literal("flytetune"), "console_url": text_literal(CONSOLE),
+              "domains": literals_pb2.Literal(collection=literals_pb2.LiteralCollection(
+                  literals=[text_literal("development")])),
+              "state_uri": text_literal("/tmp/watchdog"), "admin_endpoint": text_literal("127.0.0.1:1"),
+              "admin_insecure": literals_pb2.Literal(scalar=literals_pb2.Scalar(
+                  primitive=literals_pb2.Primitive(boolean=True)))}
+    secrets = tmp_path / "secrets"
+    (secrets / "watchdog").mkdir(parents=True)
+    (secrets / "watchdog" / "webhook_url").write_text("http://127.0.0.1:1/hook\n")
+    _, error = run_as_pod(package, "workflows.watchdog.remind", inputs, tmp_path / "pod",
+                          raw_prefix="s3://bucket/raw/ab/w4t5c6h7d8o9-n0-0",
+                          env={"FLYTE_SECRETS_DEFAULT_DIR": str(secrets)})
+    assert "state_uri: '/tmp/watchdog' is a path inside the pod, lost when the pod ends" in str(error), error
+
+
 def test_the_watchdog_is_scheduled_every_30_minutes_with_the_webhook_secret(package):
     from flytekit import Email, Slack
 

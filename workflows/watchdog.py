@@ -19,8 +19,9 @@ from flytekit.models.filters import Filter
 from flytekit.remote import FlyteRemote
 from google.protobuf.json_format import MessageToDict
 
+from flytetune import storage
 from flytetune import watchdog as guard
-from flytetune.config import AUTO
+from flytetune.config import AUTO, ConfigError
 from flytetune.presets import load_all
 from tasks.context import durable_root
 from tasks.pods import LIGHT_IMAGE, pod_template, step
@@ -62,11 +63,15 @@ def list_running(remote: FlyteRemote, project: str, domain: str,
 
 
 def state_location(state_uri: str) -> str:
-    """`auto`: the cluster's durable prefix (flytetune/locations.py) plus /watchdog; artifacts/watchdog locally."""
-    if state_uri != AUTO:
-        return state_uri
+    """`auto`: the cluster's durable prefix (flytetune/locations.py) plus /watchdog; artifacts/watchdog locally.
+    In a pod, a local path is refused: it ends with the pod, and every run would remind again."""
     root = durable_root()
-    return f"{root}/watchdog" if root else "artifacts/watchdog"
+    if state_uri == AUTO:
+        return f"{root}/watchdog" if root else "artifacts/watchdog"
+    if root and storage.is_local(state_uri):
+        raise ConfigError(f"state_uri: {state_uri!r} is a path inside the pod, lost when the pod ends (every run "
+                          f"would remind again); use s3://, gs:// or `auto` ({root}/watchdog)")
+    return state_uri
 
 
 # On demand (not interruptible) and small; a hung listing must not pile up behind the next schedule.
@@ -76,11 +81,12 @@ def remind(project: str, domains: list[str], console_url: str, state_uri: str, a
            admin_insecure: bool) -> list[str]:
     """Post one reminder about each execution running longer than its preset's `remind_after_hours`;
     return the executions reminded about in this run (`project/domain/name`)."""
+    state = state_location(state_uri)
     webhook_url = current_context().secrets.get(WEBHOOK.group, WEBHOOK.key)
     remote = connect(admin_endpoint, admin_insecure, project)
     running = [e for domain in domains for e in list_running(remote, project, domain)]
     report = guard.remind(running, load_all(PRESETS), datetime.now(timezone.utc), webhook_url=webhook_url,
-                          state_uri=state_location(state_uri), console_url=console_url)
+                          state_uri=state, console_url=console_url)
     return report.posted
 
 
