@@ -37,7 +37,8 @@ def resolve_backbone(name: str) -> Path:
 
 
 def check_backbone(name: str) -> None:
-    """`resolve_backbone`'s checks without fetching a remote folder's weights: for steps before the GPU."""
+    """`resolve_backbone`'s checks before a GPU is asked for: a remote folder's files against its manifest
+    (sizes; SHA-256 of all but large weights: `backbone_cache.check`)."""
     if backbone_cache.is_remote(name):
         backbone_cache.check(name)
     else:
@@ -71,10 +72,6 @@ def _local(name: str) -> Path:
     )
 
 
-# Weights do not change how text is tokenised; everything else in the folder may (vocab, tokenizer config).
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
-
-
 def tokenizer_fingerprint(name: str) -> str:
     """SHA-256 over the backbone folder's files other than weights (their paths and SHA-256s): what
     prepared data depends on, so that a new version of a model package with another vocabulary
@@ -92,7 +89,7 @@ def tokenizer_fingerprint(name: str) -> str:
         hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in folder.rglob("*") if p.is_file()}
     hashes.pop(backbone_cache.MANIFEST, None)
     digest = hashlib.sha256()
-    for path in sorted(p for p in hashes if not p.endswith(_WEIGHTS)):
+    for path in sorted(p for p in hashes if not p.endswith(backbone_cache.WEIGHTS)):
         digest.update(f"{path}\0{hashes[path]}\n".encode())
     return digest.hexdigest()
 

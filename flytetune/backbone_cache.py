@@ -2,7 +2,9 @@
 
 A remote backbone (`s3://`, `gs://` or `file://`) is a folder written by `python -m flytetune.backbone
 publish` or a published run folder (flytetune/artifacts.py): both end with a manifest.json whose `files`
-map every file to its SHA-256 and size. Only the files it lists are fetched, each checked against it.
+map every file to its SHA-256 and size. Only the files it lists are fetched, each checked against it;
+the `resolve` step checks them too (`check`), so that a folder changed after it was published is
+refused before a GPU is asked for, also when a cached prepare means training would fetch it first.
 
 The cache is $FLYTETUNE_BACKBONE_CACHE, else `flytetune-backbone-cache-<uid>` in the temp directory
 (TMPDIR), where scratch folders go too: writable in a Flyte pod that runs as uid 1000 with a read-only
@@ -35,6 +37,12 @@ MANIFEST = artifacts.MANIFEST
 SCHEMES = ("s3://", "gs://", "file://")
 BACKBONE_FORMAT = 1
 FETCH_CONCURRENCY = 8
+# Weights do not change how text is tokenised; everything else in a model folder may (vocab, tokenizer config).
+WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
+# The largest folder the pre-flight check (`check`, in the `resolve` step) downloads whole to check
+# its weights' SHA-256: seconds for the default MiniLM backbone (91 MB), well within resolve's disk
+# (configs/resources.yaml). A larger one is checked by size there, by SHA-256 in the step that fetches it.
+PREFLIGHT_FETCH_BYTES = 256 << 20
 
 # Copies fetched by this process: (cache root, URI) -> folder. Every step of one process sees one version.
 _fetched: dict[tuple[str, str], Path] = {}
@@ -81,16 +89,68 @@ def read_manifest(uri: str) -> tuple[dict, bytes]:
 
 
 def check(uri: str) -> dict:
-    """What the `resolve` step can afford before a GPU starts: the manifest and config.json (a few KB),
-    not the weights. Returns the manifest."""
+    """What the `resolve` step checks before a GPU is asked for; returns the manifest.
+
+    Prepare is cached by the manifest's hashes, so on a re-run the training pod would be the first to
+    fetch the folder: anything in it that no longer matches the manifest is refused here, in one line
+    naming the file and the manifest. Every file is there at its size (a HEAD each, in parallel); the
+    files other than weights (config, tokenizer, vocabulary: a few MB, what prepared data depends on)
+    match their SHA-256, downloaded from storage whatever the cache holds; and so do the weights
+    when the whole folder is at most PREFLIGHT_FETCH_BYTES: it is then fetched into the cache as
+    `fetch` does, for the steps that share this cache. Larger weights are checked by size here and by
+    SHA-256 where they are fetched.
+    """
     manifest, _ = read_manifest(uri)
-    try:
-        config = storage.read_bytes(artifacts.join(uri, "config.json"))
-    except StorageError as e:
-        raise _error(str(e)) from None
-    _verify(config, manifest["files"]["config.json"], artifacts.join(uri, "config.json"), uri)
-    refuse_custom_code(config, artifacts.join(uri, "config.json"))
+    files = manifest["files"]
+    _check_sizes(uri, files)
+    with scratch.folder("check") as tmp:
+        _copy_verified(uri, files, sorted(name for name in files if not name.endswith(WEIGHTS)), tmp)
+        refuse_custom_code((tmp / "config.json").read_bytes(), artifacts.join(uri, "config.json"))
+    if sum(entry["bytes"] for entry in files.values()) <= PREFLIGHT_FETCH_BYTES:
+        fetch(uri)
+    else:
+        log.info("%s: weights checked by size only before training (%.1f MB, above the pre-flight budget of "
+                 "%d MB); their SHA-256 is checked where they are fetched", uri,
+                 sum(e["bytes"] for n, e in files.items() if n.endswith(WEIGHTS)) / 1e6, PREFLIGHT_FETCH_BYTES >> 20)
     return manifest
+
+
+def _changed(where: str, what: str, entry: dict, uri: str) -> ConfigError:
+    return _error(f"{where}: {what} {artifacts.join(uri, MANIFEST)} ({entry['bytes']} bytes, sha256 "
+                  f"{entry['sha256'][:12]}); the folder was changed after it was published")
+
+
+def _check_sizes(uri: str, files: dict) -> None:
+    """Every file the manifest lists is in storage at the size it lists (a HEAD each, no download)."""
+    def size(name: str) -> int | None:
+        info = storage.stat(artifacts.join(uri, name))
+        return None if info is None else info.size
+
+    with concurrent.futures.ThreadPoolExecutor(FETCH_CONCURRENCY) as pool:
+        try:
+            sizes = dict(zip(files, pool.map(size, files), strict=True))
+        except StorageError as e:
+            raise _error(str(e)) from None
+    for name in sorted(files):
+        where, entry = artifacts.join(uri, name), files[name]
+        if sizes[name] is None:
+            raise _changed(where, "missing from storage, but listed in", entry, uri)
+        if sizes[name] != entry["bytes"]:
+            raise _changed(where, f"size ({sizes[name]} bytes) does not match", entry, uri)
+
+
+def _copy_verified(uri: str, files: dict, names: list[str], dest: Path) -> None:
+    """Download `names` from the folder `uri` into `dest` in parallel, each checked against the manifest."""
+    def one(name: str) -> None:
+        storage.copy(artifacts.join(uri, name), str(dest / name))
+        _verify(dest / name, files[name], artifacts.join(uri, name), uri)
+
+    with concurrent.futures.ThreadPoolExecutor(FETCH_CONCURRENCY) as pool:
+        for done in [pool.submit(one, name) for name in names]:
+            try:
+                done.result()
+            except StorageError as e:
+                raise _error(str(e)) from None
 
 
 def refuse_custom_code(config: bytes, where: str) -> None:
@@ -167,16 +227,7 @@ def _download(uri: str, manifest: dict, raw: bytes, folder: Path, root: Path) ->
              sum(e["bytes"] for e in files.values()) / 1e6, folder)
     tmp = scratch.make("fetch", root)
     try:
-        def one(name: str) -> None:
-            storage.copy(artifacts.join(uri, name), str(tmp / name))
-            _verify(tmp / name, files[name], artifacts.join(uri, name), uri)
-
-        with concurrent.futures.ThreadPoolExecutor(FETCH_CONCURRENCY) as pool:
-            for done in [pool.submit(one, name) for name in files]:
-                try:
-                    done.result()
-                except StorageError as e:
-                    raise _error(str(e)) from None
+        _copy_verified(uri, files, list(files), tmp)
         refuse_custom_code((tmp / "config.json").read_bytes(), artifacts.join(uri, "config.json"))
         (tmp / MANIFEST).write_bytes(raw)  # the marker, last
         try:

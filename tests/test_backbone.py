@@ -126,12 +126,96 @@ def test_a_tampered_backbone_is_refused_in_one_line_naming_the_file(s3_bucket, t
     assert message.startswith(f"model.backbone: {uri}/tokenizer.json: content ") and "\n" not in message
     assert f"does not match {uri}/manifest.json" in message
     assert list(cache.iterdir()) == [], "a copy or a scratch folder was left behind"
-    check_backbone(uri)  # the cheap check reads config.json only: it cannot see this
+    # The pre-flight check sees it too: the tokenizer files are small, hashed from storage every time.
+    with pytest.raises(ConfigError, match=rf"^model.backbone: {uri}/tokenizer.json: content .* does not match "
+                                          rf"{uri}/manifest.json"):
+        check_backbone(uri)
+    assert list(cache.iterdir()) == [], "a copy or a scratch folder was left behind"
+    storage.write_bytes(f"{uri}/tokenizer.json", vocab)
 
     config = storage.read_bytes(f"{uri}/config.json")
     storage.write_bytes(f"{uri}/config.json", config.replace(b'"hidden_size": 128', b'"hidden_size": 256'))
     with pytest.raises(ConfigError, match=rf"^model.backbone: {uri}/config.json: content .* does not match "
                                           rf"{uri}/manifest.json"):
+        check_backbone(uri)
+
+
+def new_pod(monkeypatch, root: Path) -> Path:
+    """A task's pod on a cluster: a backbone cache of its own, empty, and nothing fetched by this process."""
+    monkeypatch.setenv(backbone_cache.ENV, str(root))
+    monkeypatch.setattr(backbone_cache, "_fetched", {})
+    return root
+
+
+def run_resolve(uri: str, tmp_path: Path):
+    """The workflow's first task, `resolve`, as a run calls it: uncached, on a small CPU pod."""
+    from flytetune.exports import NO_CUTOFF
+    from tasks.steps import resolve
+
+    return resolve(config=load_config(TINY_CONFIG), overrides=f"model.backbone={uri}", preset="cpu",
+                   output_uri=str(tmp_path / "out"), from_checkpoint=None, dataset_uri=str(SAMPLE), test_uri=None,
+                   kickoff_time=NO_CUTOFF, retrain_anyway=True, prepared_uri="", init_from=None,
+                   prepare_size="standard", objective="classification")
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+@pytest.mark.parametrize("name, edit, problem", [
+    ("tokenizer.json", lambda b: b.replace(b'"coffee"', b'"coffea"'), "content"),  # same size
+    ("model.safetensors", flip_last_byte, "content"),  # same size: only its sha256 tells
+    ("model.safetensors", lambda b: b[:-1024], "size"),
+    ("tokenizer_config.json", None, "missing"),
+])
+def test_a_backbone_tampered_after_a_first_run_is_refused_before_the_gpu(s3_bucket, tiny_backbone, tmp_path, capsys,
+                                                                        monkeypatch, name, edit, problem):
+    """A re-run of unchanged data hits prepare's cache (keyed by the manifest's hashes, which a file
+    edited in the bucket does not change), so training would be the first to fetch the backbone:
+    the uncached `resolve` step must refuse it first, in one line naming the file and the manifest."""
+    uri = publish(tiny_backbone, f"s3://{s3_bucket}/backbones/tiny-bert", capsys)
+    new_pod(monkeypatch, tmp_path / "resolve-1")
+    first = run_resolve(uri, tmp_path)
+    new_pod(monkeypatch, tmp_path / "prepare-1")
+    resolve_backbone(uri)  # the first run's prepare fetches it, verified
+
+    target = f"{uri}/{name}"
+    if edit is None:
+        storage.remove(target)
+    else:
+        storage.write_bytes(target, edit(storage.read_bytes(target)))
+    # Prepare's cache key is what it was: a re-run would not run prepare again.
+    assert tokenizer_fingerprint(uri) == first.prepare_settings.tokenizer_sha256
+
+    cache = new_pod(monkeypatch, tmp_path / "resolve-2")
+    with pytest.raises(ConfigError) as raised:
+        run_resolve(uri, tmp_path)
+    # flytekit puts the task's name in front of the error, on a line of its own.
+    message = str(raised.value).removeprefix("Error encountered while executing 'tasks.steps.resolve':\n  ")
+    assert message.startswith(f"model.backbone: {target}: {problem} ") and "\n" not in message, message
+    assert f"{uri}/manifest.json (" in message and message.endswith("the folder was changed after it was published")
+    assert list(cache.glob("*")) == [], "a copy or a scratch folder was left behind"
+
+
+def test_a_large_backbone_is_checked_by_size_before_the_gpu_and_by_sha256_when_fetched(s3_bucket, tiny_backbone,
+                                                                                       capsys, monkeypatch, cache):
+    """Above the pre-flight budget the weights are not downloaded by `resolve`: their size is checked
+    (one listing), the small files' sha256 still is, and the weights' sha256 when training fetches them."""
+    monkeypatch.setattr(backbone_cache, "PREFLIGHT_FETCH_BYTES", 1024)
+    uri = publish(tiny_backbone, f"s3://{s3_bucket}/backbones/tiny-bert", capsys)
+    check_backbone(uri)
+    assert list(cache.glob("*")) == [], "the weights were fetched by the pre-flight check"
+
+    weights = f"{uri}/model.safetensors"
+    original = storage.read_bytes(weights)
+    storage.write_bytes(weights, flip_last_byte(original))
+    check_backbone(uri)  # same size: the pre-flight check cannot tell without the download
+    with pytest.raises(ConfigError, match=rf"^model.backbone: {weights}: content .* does not match "
+                                          rf"{uri}/manifest.json"):
+        resolve_backbone(uri)
+    storage.write_bytes(weights, original + b"\0")
+    with pytest.raises(ConfigError, match=rf"^model.backbone: {weights}: size \({len(original) + 1} bytes\) does "
+                                          rf"not match {uri}/manifest.json \({len(original)} bytes"):
         check_backbone(uri)
 
 
