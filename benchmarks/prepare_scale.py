@@ -12,7 +12,11 @@ runs in a fresh subprocess on the same file, one after the other, on this machin
   (truncation at 64), num_proc = the number of cores; that is all it does: no deduplication,
   no split, no store (its Arrow cache is the output).
 
-    python benchmarks/prepare_scale.py [--rows 100000 1000000 10000000] [--skip-datasets]
+    python benchmarks/prepare_scale.py [--rows 100000 1000000 10000000] [--skip-datasets] [--skip-loader]
+
+Then the training loader (benchmarks/loader_throughput.py) on the train split of the smallest
+size's prepared stores: samples/s at batch 32 and 256, the old per-example path and the bulk
+loader, in process and with 2 worker processes, one epoch per figure.
 
 Rows/s is input rows over the subprocess's wall time, imports and tokenizer load included (the
 data is generated beforehand, in a process of its own). Peak memory: "main" is the subprocess's
@@ -94,7 +98,7 @@ def child(contender: str, data: Path, work: Path) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure(contender: str, data: Path, work: Path) -> dict:
+def measure(contender: str, data: Path, work: Path, keep: bool = False) -> dict:
     import psutil
 
     work.mkdir(parents=True)
@@ -123,14 +127,24 @@ def measure(contender: str, data: Path, work: Path) -> dict:
         raise SystemExit(f"{contender} failed (exit {proc.returncode})")
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     result["tree_mb"] = peak[0] / 2**20
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def loader(train_store: Path) -> None:
+    """benchmarks/loader_throughput.py on the train split prepare just wrote: samples/s of the training
+    data path, in process and with 2 worker processes."""
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"), "--store", str(train_store),
+                    "--workers", "0", "2", "--repeats", "1"], check=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--skip-datasets", action="store_true", help="measure flytetune only")
+    parser.add_argument("--skip-loader", action="store_true",
+                        help="do not measure the training loader on the smallest size's prepared train split")
     parser.add_argument("--child", choices=["flytetune", "datasets"], help=argparse.SUPPRESS)
     parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -153,18 +167,24 @@ def main() -> None:
     header = f"{'rows':>11} {'contender':>10} {'seconds':>8} {'rows/s':>9} {'main MB':>8} {'tree MB':>8} {'stored':>10}"
     print(header)
     results = {}
+    loader_rows = None if args.skip_loader else min(args.rows)
     with tempfile.TemporaryDirectory(prefix="prepare-scale-") as tmp:
         for rows in args.rows:
             data = Path(tmp) / f"rows-{rows}.parquet"
             # In a subprocess: this process stays small, so the contenders it starts inherit no peak memory.
             subprocess.run([sys.executable, __file__, "--generate", str(rows), "--data", str(data)], check=True)
             for contender in contenders:
-                r = measure(contender, data, Path(tmp) / f"{contender}-{rows}")
+                keep = contender == "flytetune" and rows == loader_rows
+                r = measure(contender, data, Path(tmp) / f"{contender}-{rows}", keep=keep)
                 r["rows_s"] = rows / r["seconds"]
                 results[rows, contender] = r
                 print(f"{rows:>11,} {contender:>10} {r['seconds']:>8.1f} {r['rows_s']:>9,.0f} {r['main_mb']:>8,.0f} "
                       f"{r['tree_mb']:>8,.0f} {r['stored']:>10,}", flush=True)
             data.unlink()
+        if loader_rows:
+            print(f"\nthe training loader on the {loader_rows:,}-row run's prepared train split:", flush=True)
+            loader(Path(tmp) / f"flytetune-{loader_rows}" / "prepared" / "train")
+            print(flush=True)
     if "datasets" in contenders:
         print("\nflytetune / datasets (rows/s: higher is better; memory: lower is better)")
         for rows in args.rows:
