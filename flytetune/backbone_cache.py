@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from flytetune import artifacts, scratch, storage
@@ -39,9 +40,9 @@ BACKBONE_FORMAT = 1
 FETCH_CONCURRENCY = 8
 # Weights do not change how text is tokenised; everything else in a model folder may (vocab, tokenizer config).
 WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
-# The largest folder the pre-flight check (`check`, in the `resolve` step) downloads whole to check
-# its weights' SHA-256: seconds for the default MiniLM backbone (91 MB), well within resolve's disk
-# (configs/resources.yaml). A larger one is checked by size there, by SHA-256 in the step that fetches it.
+# The largest folder the pre-flight check (`check`, in the `resolve` step) fetches into the cache:
+# seconds for the default MiniLM backbone (91 MB), well within resolve's disk (configs/resources.yaml).
+# A larger one's weights are streamed through SHA-256 there instead: network time, no disk.
 PREFLIGHT_FETCH_BYTES = 256 << 20
 
 # Copies fetched by this process: (cache root, URI) -> folder. Every step of one process sees one version.
@@ -95,10 +96,10 @@ def check(uri: str) -> dict:
     fetch the folder: anything in it that no longer matches the manifest is refused here, in one line
     naming the file and the manifest. Every file is there at its size (a HEAD each, in parallel); the
     files other than weights (config, tokenizer, vocabulary: a few MB, what prepared data depends on)
-    match their SHA-256, downloaded from storage whatever the cache holds; and so do the weights
-    when the whole folder is at most PREFLIGHT_FETCH_BYTES: it is then fetched into the cache as
-    `fetch` does, for the steps that share this cache. Larger weights are checked by size here and by
-    SHA-256 where they are fetched.
+    match their SHA-256, downloaded from storage whatever the cache holds; and so do the weights:
+    when the whole folder is at most PREFLIGHT_FETCH_BYTES it is fetched into the cache as `fetch`
+    does, for the steps that share this cache; larger weights are read as a stream through SHA-256
+    (storage.sha256), never written to the pod's disk.
     """
     manifest, _ = read_manifest(uri)
     files = manifest["files"]
@@ -109,9 +110,7 @@ def check(uri: str) -> dict:
     if sum(entry["bytes"] for entry in files.values()) <= PREFLIGHT_FETCH_BYTES:
         fetch(uri)
     else:
-        log.info("%s: weights checked by size only before training (%.1f MB, above the pre-flight budget of "
-                 "%d MB); their SHA-256 is checked where they are fetched", uri,
-                 sum(e["bytes"] for n, e in files.items() if n.endswith(WEIGHTS)) / 1e6, PREFLIGHT_FETCH_BYTES >> 20)
+        _stream_verified(uri, files, sorted(name for name in files if name.endswith(WEIGHTS)))
     return manifest
 
 
@@ -137,6 +136,24 @@ def _check_sizes(uri: str, files: dict) -> None:
             raise _changed(where, "missing from storage, but listed in", entry, uri)
         if sizes[name] != entry["bytes"]:
             raise _changed(where, f"size ({sizes[name]} bytes) does not match", entry, uri)
+
+
+def _stream_verified(uri: str, files: dict, names: list[str]) -> None:
+    """Each of `names` read through SHA-256 (in parallel, nothing on disk), checked against the manifest."""
+    def one(name: str) -> None:
+        where = artifacts.join(uri, name)
+        sha, size = storage.sha256(where)
+        _check_digest(size, sha, files[name], where, uri)
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(FETCH_CONCURRENCY) as pool:
+        for done in [pool.submit(one, name) for name in names]:
+            try:
+                done.result()
+            except StorageError as e:
+                raise _error(str(e)) from None
+    log.info("%s: %d weight file(s), %.1f MB, read through SHA-256 in %.1fs", uri, len(names),
+             sum(files[n]["bytes"] for n in names) / 1e6, time.monotonic() - started)
 
 
 def _copy_verified(uri: str, files: dict, names: list[str], dest: Path) -> None:
@@ -170,10 +187,12 @@ def _verify(data_or_path: bytes | Path, entry: dict, where: str, uri: str) -> No
         size, sha = data_or_path.stat().st_size, file_sha256(data_or_path)
     else:
         size, sha = len(data_or_path), hashlib.sha256(data_or_path).hexdigest()
+    _check_digest(size, sha, entry, where, uri)
+
+
+def _check_digest(size: int, sha: str, entry: dict, where: str, uri: str) -> None:
     if size != entry["bytes"] or sha != entry["sha256"]:
-        raise _error(f"{where}: content ({size} bytes, sha256 {sha[:12]}) does not match "
-                     f"{artifacts.join(uri, MANIFEST)} ({entry['bytes']} bytes, sha256 {entry['sha256'][:12]}); "
-                     "the folder was changed after it was published")
+        raise _changed(where, f"content ({size} bytes, sha256 {sha[:12]}) does not match", entry, uri)
 
 
 def cache_root() -> Path:

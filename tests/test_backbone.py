@@ -197,10 +197,10 @@ def test_a_backbone_tampered_after_a_first_run_is_refused_before_the_gpu(s3_buck
     assert list(cache.glob("*")) == [], "a copy or a scratch folder was left behind"
 
 
-def test_a_large_backbone_is_checked_by_size_before_the_gpu_and_by_sha256_when_fetched(s3_bucket, tiny_backbone,
-                                                                                       capsys, monkeypatch, cache):
-    """Above the pre-flight budget the weights are not downloaded by `resolve`: their size is checked
-    (one listing), the small files' sha256 still is, and the weights' sha256 when training fetches them."""
+def test_a_large_backbone_is_read_through_sha256_before_the_gpu_not_fetched(s3_bucket, tiny_backbone, capsys,
+                                                                          monkeypatch, cache):
+    """Above the pre-flight budget `resolve` does not copy the weights to its disk: it streams them
+    through SHA-256, so a same-size rewrite is refused there too, before a GPU is asked for."""
     monkeypatch.setattr(backbone_cache, "PREFLIGHT_FETCH_BYTES", 1024)
     uri = publish(tiny_backbone, f"s3://{s3_bucket}/backbones/tiny-bert", capsys)
     check_backbone(uri)
@@ -209,10 +209,10 @@ def test_a_large_backbone_is_checked_by_size_before_the_gpu_and_by_sha256_when_f
     weights = f"{uri}/model.safetensors"
     original = storage.read_bytes(weights)
     storage.write_bytes(weights, flip_last_byte(original))
-    check_backbone(uri)  # same size: the pre-flight check cannot tell without the download
-    with pytest.raises(ConfigError, match=rf"^model.backbone: {weights}: content .* does not match "
-                                          rf"{uri}/manifest.json"):
-        resolve_backbone(uri)
+    with pytest.raises(ConfigError, match=rf"^model.backbone: {weights}: content \({len(original)} bytes, sha256 "
+                                          rf"\w+\) does not match {uri}/manifest.json"):
+        check_backbone(uri)
+    assert list(cache.glob("*")) == []
     storage.write_bytes(weights, original + b"\0")
     with pytest.raises(ConfigError, match=rf"^model.backbone: {weights}: size \({len(original) + 1} bytes\) does "
                                           rf"not match {uri}/manifest.json \({len(original)} bytes"):

@@ -49,6 +49,19 @@ def test_round_trip_in_every_direction(tmp_path, remotes, first, second):
     assert (tmp_path / "one.bin").read_bytes() == FILES["sub/b.bin"]
 
 
+def test_sha256_streams_an_object_in_every_backend(tmp_path, remotes):
+    import hashlib
+
+    data = os.urandom(9 << 20)  # more than one 8 MiB chunk
+    (tmp_path / "w.bin").write_bytes(data)
+    expected = (hashlib.sha256(data).hexdigest(), len(data))
+    for base in [*remotes.values(), f"file://{tmp_path}/out", str(tmp_path / "plain")]:
+        storage.copy(str(tmp_path / "w.bin"), f"{base}/w.bin")
+        assert storage.sha256(f"{base}/w.bin") == expected, base
+        with pytest.raises(StorageError, match="nope.bin"):
+            storage.sha256(f"{base}/nope.bin")
+
+
 def test_small_object_api(remotes):
     for base in remotes.values():
         storage.write_text(f"{base}/x/m.json", '{"a": 1}')

@@ -6,6 +6,7 @@ importing it costs nothing); everything else speaks URIs:
     copy(src, dst)               one object, verified, atomic at the destination
     sync(src_prefix, dst_prefix) every object under a prefix, parallel and incremental
     ls, exists, stat, read_bytes, write_bytes, read_text, write_text, remove
+    sha256(uri)                  SHA-256 and size of one object, streamed (no local copy)
     fingerprint(uris)            one hash of objects' sizes and versions: equal means unchanged
     check_writable(prefix)       fail early, in one line, where outputs could not be written
     read_with_token, write_bytes_if   compare-and-swap of one small object (PreconditionFailed)
@@ -26,7 +27,7 @@ from flytetune.storage.uri import PreconditionFailed, StorageError, is_local, lo
 
 __all__ = ["ObjectInfo", "PreconditionFailed", "StorageError", "TransferStats", "check_writable", "copy", "exists",
            "fingerprint", "is_local", "local_path", "ls", "read_bytes", "read_text", "read_with_token", "remove",
-           "reset_clients", "stat", "sync", "write_bytes", "write_bytes_if", "write_text"]
+           "reset_clients", "sha256", "stat", "sync", "write_bytes", "write_bytes_if", "write_text"]
 
 
 def _join(uri: str, relative: str) -> str:
@@ -75,6 +76,12 @@ def fingerprint(uris: list[str]) -> str:
 def exists(uri: str) -> bool:
     loc = parse(uri)
     return backend(loc).stat(loc) is not None or backend(loc).is_prefix(loc)
+
+
+def sha256(uri: str) -> tuple[str, int]:
+    """SHA-256 (hex) and size of one object, read as a stream: nothing is written to disk or held."""
+    loc = parse(uri)
+    return backend(loc).sha256(loc)
 
 
 def read_bytes(uri: str) -> bytes:

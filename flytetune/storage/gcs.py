@@ -11,6 +11,7 @@ with a short connect timeout.
 """
 
 import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -87,6 +88,18 @@ def _info(blob) -> ObjectInfo:
     return ObjectInfo(blob.name, blob.size, crc32c=blob.crc32c, md5=_md5_hex(blob.md5_hash), version=generation)
 
 
+class _HashingSink:
+    """A write-only file object that keeps a SHA-256 and a byte count of what passes, nothing else."""
+
+    def __init__(self):
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def write(self, chunk: bytes) -> int:
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return len(chunk)
+
+
 class GCSBackend:
     scheme = "gs"
 
@@ -130,6 +143,20 @@ class GCSBackend:
             blob.upload_from_filename(str(path), checksum="crc32c", timeout=TIMEOUT, retry=_retry())
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
+
+    def sha256(self, loc: Location) -> tuple[str, int]:
+        sink = _HashingSink()
+        try:
+            # Looked up first: a download's 404 does not say whether the bucket or the object is missing.
+            blob = self._bucket(loc).get_blob(loc.key, timeout=TIMEOUT, retry=_retry())
+            if blob is None:
+                raise StorageError(f"{loc}: no such object")
+            blob.download_to_file(sink, checksum="crc32c", timeout=TIMEOUT, retry=_retry())
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+        return sink.digest.hexdigest(), sink.size
 
     def read_bytes(self, loc: Location) -> bytes:
         try:

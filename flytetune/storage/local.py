@@ -83,6 +83,14 @@ class LocalBackend:
             tmp.unlink(missing_ok=True)
             raise
 
+    def sha256(self, loc: Location) -> tuple[str, int]:
+        try:
+            with open(loc.key, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256")
+        except (FileNotFoundError, IsADirectoryError):
+            raise StorageError(f"{loc}: no such file or directory") from None
+        return digest.hexdigest(), Path(loc.key).stat().st_size
+
     def read_bytes(self, loc: Location) -> bytes:
         try:
             return Path(loc.key).read_bytes()

@@ -7,6 +7,7 @@ adaptive retry mode with backoff; an endpoint that cannot be reached at all (con
 DNS, TLS, connect timeout) is tried only CONNECT_ATTEMPTS times, quickly, then reported in words.
 """
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -170,6 +171,16 @@ class S3Backend:
             else:
                 client().upload_file(str(path), loc.bucket, loc.key, ExtraArgs={"Metadata": metadata},
                                      Config=_transfer_config())
+        except Exception as e:  # noqa: BLE001
+            raise _error(loc, e) from None
+
+    def sha256(self, loc: Location) -> tuple[str, int]:
+        try:
+            digest, size = hashlib.sha256(), 0
+            for chunk in client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].iter_chunks(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+            return digest.hexdigest(), size
         except Exception as e:  # noqa: BLE001
             raise _error(loc, e) from None
 
