@@ -37,8 +37,8 @@ def resolve_backbone(name: str) -> Path:
 
 
 def check_backbone(name: str) -> None:
-    """`resolve_backbone`'s checks before a GPU is asked for: a remote folder's files against its manifest
-    (sizes; SHA-256 of all but large weights: `backbone_cache.check`)."""
+    """`resolve_backbone`'s checks before a GPU is asked for: every file of a remote folder against its
+    manifest, size and SHA-256 (`backbone_cache.check`)."""
     if backbone_cache.is_remote(name):
         backbone_cache.check(name)
     else:

@@ -6,10 +6,10 @@ The output folder is self-describing: `train/`, `validation/`, `test/` (lmdb sto
 Memory holds no text, only a few bytes a row (flytetune/prepare_stream.py): the table is read in
 chunks. The first pass validates and keeps 12 bytes a row (a hash of the text, a label code; about
 46 at the peak of the duplicate sort), enough to find duplicates and conflicting labels across the
-whole table, subsample and split it; the
-second reads the rows of each split again, tokenises them in batches in one process per core, and
-streams them into that split's store. Inside a store, examples keep the order of the file (training
-draws its own order each epoch, flytetune/batches.py); `test_texts.parquet` follows the test store.
+whole table, subsample and split it; the second reads the rows of each split again, tokenises them
+in batches in one process per core, and streams them into that split's store. Inside a store,
+examples keep the order of the file (training draws its own order each epoch, flytetune/batches.py);
+`test_texts.parquet` follows the test store.
 """
 
 import dataclasses
