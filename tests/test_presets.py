@@ -227,11 +227,12 @@ def test_gpu_preset_runs_on_cpu_with_a_notice(tmp_path):
     assert "Published(" in output
 
 
-def test_multi_gpu_preset_runs_data_parallel_locally(tmp_path):
+def test_multi_gpu_preset_runs_data_parallel_locally(tmp_path, tiny_backbone):
     """Elastic starts 2 CPU processes locally (no pod template); rank 0 checkpoints under the run's prefix."""
     pyflyte = str(Path(sys.executable).parent / "pyflyte")
     done = subprocess.run([pyflyte, "run", "workflows/finetune.py", "finetune", "--config", "configs/tiny.yaml",
-                           "--overrides", f"train.max_steps=4 checkpoint.uri={tmp_path / 'ckpt'} checkpoint.keep=5",
+                           "--overrides", f"train.max_steps=4 checkpoint.uri={tmp_path / 'ckpt'} checkpoint.keep=5 "
+                                          f"model.backbone={tiny_backbone}",
                            "--output_uri", str(tmp_path / "out"), "--preset", "a100x4"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
