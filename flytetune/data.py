@@ -498,18 +498,26 @@ def subsample(df: pl.DataFrame, cfg: DataConfig, source: str) -> pl.DataFrame:
 def subsample_rows(groups: list[np.ndarray], cfg: DataConfig, source: str) -> list[np.ndarray]:
     """`subsample` on row numbers: `groups` holds each class's rows (classes in order of first appearance,
     rows in file order) and there are more than `cfg.max_rows` rows; returns the rows kept of each class."""
+    quota = subsample_quota(np.array([len(group) for group in groups]), cfg, source)
+    rng = np.random.default_rng(cfg.split_seed)
+    return [rng.choice(group, size=int(n), replace=False) for group, n in zip(groups, quota, strict=True)]
+
+
+def subsample_quota(sizes: np.ndarray, cfg: DataConfig, source: str) -> np.ndarray:
+    """How many rows `subsample` keeps of each class, given its rows per class (`sizes`, more than
+    `cfg.max_rows` in all)."""
     max_rows, min_per_class = cfg.max_rows, cfg.min_examples_per_class
-    floor_rows = len(groups) * min_per_class
+    floor_rows = len(sizes) * min_per_class
     if floor_rows > max_rows:
         raise DataError(
-            f"{source}: data.max_rows={max_rows} is too small for {len(groups)} classes with "
+            f"{source}: data.max_rows={max_rows} is too small for {len(sizes)} classes with "
             f"data.min_examples_per_class={min_per_class} (needs at least {floor_rows}); "
             "raise data.max_rows or set it to null"
         )
-    sizes = np.array([len(group) for group in groups], dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.float64)
     # Each class gets its share of max_rows, but never fewer than min_per_class rows (validate() made
     # sure it has them): pin the classes whose share falls short and share the rest among the others.
-    pinned = np.zeros(len(groups), dtype=bool)
+    pinned = np.zeros(len(sizes), dtype=bool)
     while True:
         rest = sizes[~pinned].sum()
         fraction = (max_rows - min_per_class * pinned.sum()) / rest if rest else 0.0
@@ -522,10 +530,8 @@ def subsample_rows(groups: list[np.ndarray], cfg: DataConfig, source: str) -> li
     # Largest remainders get the rows left over (stable: ties keep the order of first appearance).
     leftover = max_rows - int(quota.sum())
     quota[np.argsort(-(share - quota), kind="stable")[:leftover]] += 1
-    rng = np.random.default_rng(cfg.split_seed)
-    keep = [rng.choice(group, size=int(n), replace=False) for group, n in zip(groups, quota, strict=True)]
     log.info("%s: kept %d of %d rows (data.max_rows)", source, max_rows, int(sizes.sum()))
-    return keep
+    return quota
 
 
 def stratified_split(df: pl.DataFrame, fractions: Sequence[float], seed: int) -> list[pl.DataFrame]:

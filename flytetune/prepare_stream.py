@@ -1,11 +1,18 @@
-"""The parts of `flytetune.prepare` that let it handle tens of millions of rows in bounded memory.
+"""The parts of `flytetune.prepare` that let it handle tens of millions of rows in flat memory.
 
-Pass 1 (`scan`) reads the table in chunks and keeps per row only fixed-size numbers: a 64-bit hash
-of the text and a label code (12 bytes a row). Every check of `flytetune.data.validate` runs on
-those, with the same messages and row numbers: exact duplicates and conflicting labels are found
-across the whole table by sorting hashes, never by holding texts. `split_rows` assigns rows to
-splits from the hashes alone. Pass 2 (`Tokenize` over `iter_table` again) tokenises the rows of one
-split at a time in batches, on every core, and hands them on as they come.
+Pass 1 (`scan`) reads the table in chunks and keeps nothing a row in memory: each row's record (a
+seeded 64-bit key of its text, its label code, its row number: 20 bytes) goes to one of PARTITIONS
+files on disk, by the top bits of the key. Equal texts share a key, so every check of
+`flytetune.data.validate` runs one partition at a time, with the same messages and row numbers:
+exact duplicates and conflicting labels are found across the whole table by sorting one partition's
+keys, never by holding texts or the whole table's keys. Partitions in order are keys in order, and
+the key order is a seeded shuffle of the texts: `split` walks the partitions once and gives each
+class's first rows in that order to validation and test, the rest (up to data.max_rows' quota) to
+train. Pass 2 (`select` over `iter_table` again) reads the rows of one split back, a bucket of row
+numbers at a time, and `Tokenize` tokenises them in batches, on every core.
+
+Memory holds a partition (rows / PARTITIONS records) or a bucket of SELECT_ROWS rows at a time, and
+per class a few counters; disk holds about 36 bytes a row while prepare runs.
 """
 
 import itertools
@@ -16,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -31,28 +39,82 @@ CHUNK_ROWS = 100_000
 BATCH_TEXTS = 10_000
 # Fixed seed of the text hash: the same text hashes the same in every run (of one polars version).
 _HASH_SEED = 0x5EED
+# Partition files of pass 1 (a power of two): 100M rows are ~8 MB of records each.
+PARTITIONS = 256
+# Rows of the file per bucket of a split's (row, position) records: what `select` holds at once.
+SELECT_ROWS = 1_000_000
+
+RECORD = np.dtype([("key", "<u8"), ("code", "<i4"), ("row", "<i8")])
+PLACED = np.dtype([("row", "<i8"), ("position", "<i8")])
+
+
+def row_keys(hashes: np.ndarray, seed: int) -> np.ndarray:
+    """Text hashes mixed with `seed` (splitmix64's finaliser, a bijection): equal keys are equal hashes,
+    and sorting by key is a shuffle that only the seed and the texts decide."""
+    z = hashes.astype(np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) % 2**64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class Partitions:
+    """Records of one table, in `count` files by the top bits of their keys (every row of a text in one
+    file; the files in order hold ascending keys)."""
+
+    def __init__(self, folder: Path, count: int | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.count = count or PARTITIONS
+        if self.count < 2 or self.count & (self.count - 1):
+            raise ValueError(f"partitions: {self.count} is not a power of two above 1")
+        self._shift = np.uint64(64 - self.count.bit_length() + 1)
+        self._files = {}
+
+    def _path(self, p: int) -> Path:
+        return self.folder / f"{p:05d}.rec"
+
+    def add(self, records: np.ndarray) -> None:
+        part = (records["key"] >> self._shift).astype(np.intp)
+        order = np.argsort(part, kind="stable")  # rows stay in file order inside a partition
+        records, bounds = records[order], np.searchsorted(part[order], np.arange(self.count + 1))
+        for p in np.flatnonzero(np.diff(bounds)).tolist():
+            if p not in self._files:
+                self._files[p] = open(self._path(p), "ab")  # noqa: SIM115
+            records[bounds[p]:bounds[p + 1]].tofile(self._files[p])
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getitem__(self, p: int) -> np.ndarray:
+        path = self._path(p)
+        return np.fromfile(path, dtype=RECORD) if path.exists() else np.empty(0, RECORD)
+
+    def __setitem__(self, p: int, records: np.ndarray) -> None:
+        tmp = self._path(p).with_suffix(".tmp")
+        records.tofile(tmp)
+        os.replace(tmp, self._path(p))
 
 
 @dataclass
 class Scanned:
-    """What pass 1 keeps of a table: per row (0-based index = row number - 1) the text's hash, the
-    label's code (index into `names`, in order of first appearance) and whether the row is kept."""
+    """What pass 1 keeps of a table: the records of its kept rows (the first row of each distinct
+    (text, label)) in partitions sorted by key, the labels (a record's code indexes `names`, in order of
+    first appearance), the kept rows per code, and the rows read."""
 
-    hashes: np.ndarray  # uint64
-    codes: np.ndarray  # int32
-    keep: np.ndarray  # bool: not a repeat of an earlier (text, label) row
+    records: Partitions
     names: list[str]
-
-    @property
-    def rows(self) -> int:
-        return len(self.codes)
+    counts: np.ndarray  # int64, per code
+    rows: int
 
 
-def scan(batches: Iterable[pl.DataFrame], source: str, cfg: DataConfig, *, min_per_class: int | None = None,
-         report: dict | None = None) -> Scanned:
-    """`flytetune.data.validate` over a table read in chunks: the same checks, errors and warnings."""
+def scan(batches: Iterable[pl.DataFrame], source: str, cfg: DataConfig, folder: Path, *,
+         min_per_class: int | None = None, report: dict | None = None) -> Scanned:
+    """`flytetune.data.validate` over a table read in chunks: the same checks, errors and warnings.
+    Its records go to `folder`, keyed by `cfg.split_seed`."""
     min_per_class = cfg.min_examples_per_class if min_per_class is None else min_per_class
-    hashes, codes, index = [], [], {}
+    records, index = Partitions(folder), {}
     bad = {TEXT: _Rows(), LABEL: _Rows()}
     offset = 0
     for chunk in batches:
@@ -66,150 +128,210 @@ def scan(batches: Iterable[pl.DataFrame], source: str, cfg: DataConfig, *, min_p
         for label in chunk.get_column(LABEL).unique(maintain_order=True).to_list():
             if label is not None and label not in index:
                 index[label] = len(index)
-        hashes.append(chunk.get_column(TEXT).hash(_HASH_SEED).to_numpy())
-        codes.append(chunk.get_column(LABEL).replace_strict(index, default=-1, return_dtype=pl.Int32).to_numpy())
+        batch = np.empty(chunk.height, RECORD)
+        batch["key"] = row_keys(chunk.get_column(TEXT).hash(_HASH_SEED).to_numpy(), cfg.split_seed)
+        batch["code"] = chunk.get_column(LABEL).replace_strict(index, default=-1, return_dtype=pl.Int32).to_numpy()
+        batch["row"] = np.arange(offset, offset + chunk.height)
+        records.add(batch)
         offset += chunk.height
+    records.close()
     if bad[TEXT].count:
         raise DataError(f"{source}: column {cfg.text_column!r} has {bad[TEXT].count} null or empty value(s), "
                         f"e.g. row(s) {bad[TEXT]}")
     if bad[LABEL].count:
         raise DataError(f"{source}: column {cfg.label_column!r} has {bad[LABEL].count} null or empty label(s), "
                         f"e.g. row(s) {bad[LABEL]}")
-    h = np.concatenate(hashes).astype(np.uint64, copy=False)
-    c = np.concatenate(codes).astype(np.int32, copy=False)
-    del hashes, codes
     names = list(index)
-    keep, duplicate_rows, conflicting_rows = _duplicates(h, c)
+    counts = np.zeros(len(names), dtype=np.int64)
+    duplicate_rows, conflicting_rows = _Rows(), _Rows()
+    for p in range(records.count):
+        kept, duplicated, conflicting = _duplicates(records[p])
+        records[p] = kept
+        counts += np.bincount(kept["code"], minlength=len(names))
+        duplicate_rows.add(duplicated)
+        conflicting_rows.add(conflicting)
 
     warnings = []
-    dropped = int((~keep).sum())
+    dropped = offset - int(counts.sum())
     if dropped:
         warnings.append(f"{source}: dropped {dropped} exact duplicate row(s) of ({cfg.text_column}, "
-                        f"{cfg.label_column}), e.g. row(s) {_format(duplicate_rows)}")
-    if len(conflicting_rows):
-        warnings.append(f"{source}: {len(conflicting_rows)} row(s) share a text with a different label (ambiguous "
-                        f"or mislabelled), e.g. row(s) {_format(conflicting_rows)}")
+                        f"{cfg.label_column}), e.g. row(s) {duplicate_rows}")
+    if conflicting_rows.count:
+        warnings.append(f"{source}: {conflicting_rows.count} row(s) share a text with a different label (ambiguous "
+                        f"or mislabelled), e.g. row(s) {conflicting_rows}")
     for message in warnings:
         log.warning("%s", message)
     if report is not None:
-        report.update(duplicates_dropped=dropped, conflicting_label_rows=len(conflicting_rows), warnings=warnings)
+        report.update(duplicates_dropped=dropped, conflicting_label_rows=conflicting_rows.count, warnings=warnings)
 
-    counts = np.bincount(c[keep], minlength=len(names))
     short = sorted(name for name, n in zip(names, counts, strict=True) if n < min_per_class)
     if short:
         label = short[0]
         code = names.index(label)
-        example = np.flatnonzero(keep & (c == code))[:_EXAMPLES] + 1
+        example = _Rows()
+        for p in range(records.count):
+            kept = records[p]
+            example.add(kept["row"][kept["code"] == code])
         more = f" (and {len(short) - 1} more class(es))" if len(short) > 1 else ""
         raise DataError(
             f"{source}: column {cfg.label_column!r}: class {label!r} has {counts[code]} example(s), fewer than "
-            f"data.min_examples_per_class={min_per_class}{more}; e.g. row(s) {_format(example, len(example))}"
+            f"data.min_examples_per_class={min_per_class}{more}; e.g. row(s) {example}"
         )
-    return Scanned(hashes=h, codes=c, keep=keep, names=names)
+    return Scanned(records=records, names=names, counts=counts, rows=offset)
 
 
 class _Rows:
-    """How many rows were flagged, and the first few of them (1-based)."""
+    """How many rows were flagged, and the first few of them, from 0-based rows added in any order."""
 
     def __init__(self):
-        self.count, self.first = 0, []
+        self.count, self.first = 0, np.empty(0, dtype=np.int64)
 
     def add(self, rows: np.ndarray) -> None:
         self.count += len(rows)
-        self.first.extend((rows[:_EXAMPLES - len(self.first)] + 1).tolist())
+        self.first = np.sort(np.concatenate([self.first, rows]))[:_EXAMPLES]
 
     def __str__(self) -> str:
-        return _format(np.array(self.first), self.count)
+        """As `flytetune.data._rows`: the first few 1-based rows, and "..." when there are more."""
+        return ", ".join(str(int(r) + 1) for r in self.first) + (", ..." if self.count > _EXAMPLES else "")
 
 
-def _format(rows: np.ndarray, count: int | None = None) -> str:
-    """As `flytetune.data._rows`: the first few 1-based rows, and "..." when there are more."""
-    count = len(rows) if count is None else count
-    return ", ".join(str(int(r)) for r in rows[:_EXAMPLES]) + (", ..." if count > _EXAMPLES else "")
-
-
-def _duplicates(h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keep: not a repeat of an earlier row with the same text and label; the 1-based rows of every
-    duplicated (text, label), first occurrences included; the 1-based kept rows whose text has more
-    than one label), each in row order."""
-    n = len(h)
-    order = np.lexsort((c, h))  # by hash, then label; stable, so the first occurrence leads each group
-    hs, cs = h[order], c[order]
-    same = (hs[1:] == hs[:-1]) & (cs[1:] == cs[:-1])
-    keep = np.ones(n, dtype=bool)
-    keep[order[1:][same]] = False
-    member = np.zeros(n, dtype=bool)
+def _duplicates(records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of one partition's records: (the kept ones: the first row of each (text, label), sorted by key
+    then label; the rows of every duplicated (text, label), first occurrences included; the kept rows
+    whose text has more than one label)."""
+    if not len(records):
+        return records, np.empty(0, np.int64), np.empty(0, np.int64)
+    records = records[np.lexsort((records["row"], records["code"], records["key"]))]
+    key, code = records["key"], records["code"]
+    same = (key[1:] == key[:-1]) & (code[1:] == code[:-1])
+    member = np.zeros(len(records), dtype=bool)
     member[1:] |= same
     member[:-1] |= same
-    duplicate_rows = np.sort(order[member]) + 1
-    del member, same, cs
-    kept = order[keep[order]]  # kept rows, still by (hash, label)
-    del order, hs
-    hk, ck = h[kept], c[kept]
-    starts = np.flatnonzero(np.r_[True, hk[1:] != hk[:-1]])
+    kept = records[np.r_[True, ~same]]
+    key, code = kept["key"], kept["code"]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     ends = np.r_[starts[1:], len(kept)]
-    mixed = ck[starts] != ck[ends - 1]  # sorted by label inside a text: first != last means two labels
-    conflicting_rows = np.sort(kept[np.repeat(mixed, ends - starts)]) + 1
-    return keep, duplicate_rows, conflicting_rows
+    mixed = code[starts] != code[ends - 1]  # sorted by label inside a text: first != last means two labels
+    return kept, records["row"][member], kept["row"][np.repeat(mixed, ends - starts)]
 
 
-def class_rows(scanned: Scanned, selected: np.ndarray) -> list[np.ndarray]:
-    """The selected rows (0-based) of each class, classes in order of first appearance, rows in file order."""
-    rows = np.flatnonzero(selected)
-    codes = scanned.codes[rows]
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(scanned.names) + 1))
-    return [rows[order[bounds[i]:bounds[i + 1]]] for i in range(len(scanned.names))]
+class Split:
+    """One split's rows of a table: each one's (row, position in the split) in files of SELECT_ROWS rows
+    of the table, and the split's rows per code."""
+
+    def __init__(self, folder: Path, table_rows: int, counts: np.ndarray):
+        self.folder, self.table_rows, self.counts = Path(folder), table_rows, counts
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._held = {}
+
+    @property
+    def size(self) -> int:
+        return int(self.counts.sum())
+
+    def _path(self, b: int) -> Path:
+        return self.folder / f"{b:06d}.placed"
+
+    def add(self, rows: np.ndarray, positions: np.ndarray) -> None:
+        placed = np.empty(len(rows), PLACED)
+        placed["row"], placed["position"] = rows, positions
+        placed = placed[np.argsort(rows, kind="stable")]
+        bounds = np.searchsorted(placed["row"], np.arange(0, self.table_rows + SELECT_ROWS, SELECT_ROWS))
+        for b in np.flatnonzero(np.diff(bounds)).tolist():
+            # Opened per write: a billion rows are a thousand buckets per split, past a process's files.
+            with open(self._path(b), "ab") as f:
+                placed[bounds[b]:bounds[b + 1]].tofile(f)
+
+    def bucket(self, b: int) -> np.ndarray:
+        """The placed rows of rows [b * SELECT_ROWS, (b + 1) * SELECT_ROWS), sorted by row."""
+        path = self._path(b)
+        placed = np.fromfile(path, dtype=PLACED) if path.exists() else np.empty(0, PLACED)
+        return placed[np.argsort(placed["row"], kind="stable")]
+
+    def between(self, start: int, stop: int) -> np.ndarray:
+        """The placed rows of rows [start, stop), sorted by row; holds the buckets they span only."""
+        wanted = range(start // SELECT_ROWS, (max(start, stop - 1)) // SELECT_ROWS + 1)
+        self._held = {b: self._held.get(b) if b in self._held else self.bucket(b) for b in wanted}
+        placed = np.concatenate([self._held[b] for b in wanted])
+        return placed[(placed["row"] >= start) & (placed["row"] < stop)]
 
 
-def split_rows(scanned: Scanned, selected: np.ndarray, fractions: Sequence[float],
-               seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of the selected rows into len(fractions) + 1 parts: per row, its part (the first
-    part gets the remainder; -1 when not selected) and its position in that part.
+def split(scanned: Scanned, fractions: Sequence[float], folder: Path, quota: np.ndarray | None = None,
+          against: Scanned | None = None) -> tuple[list[Split], int]:
+    """Stratified split of the kept rows into len(fractions) + 1 parts (the first part gets the remainder),
+    and how many kept rows of `against` (a held-out test table, keyed alike) share a text with part 0.
 
-    As `flytetune.data.stratified_split`: class by class in label order, each class's rows are ordered by
-    the hash of their text (independent of row order), shuffled from `seed`, and cut at
-    max(1, round(n * fraction)) rows per fraction; a part holds its classes one after the other.
+    Class by class, in key order (a shuffle decided by data.split_seed and the texts, not by the rows'
+    order), the first max(1, round(n * fraction)) rows go to each fraction's part in turn, the rest to
+    part 0; with `quota` (rows to keep per code, data.max_rows), only a class's first `quota` rows.
+    A part holds its classes one after the other, in label order.
     """
-    rng = np.random.default_rng(seed)
-    part = np.full(scanned.rows, -1, dtype=np.int8)
-    position = np.full(scanned.rows, -1, dtype=np.int64)
-    filled = [0] * (len(fractions) + 1)
-    groups = class_rows(scanned, selected)
-    for code in sorted(range(len(scanned.names)), key=scanned.names.__getitem__):
-        rows = groups[code]
-        rows = rows[np.argsort(scanned.hashes[rows], kind="stable")]
-        rows = rows[rng.permutation(len(rows))]
-        start, cuts = 0, []
-        for fraction in fractions:
-            n = max(1, round(len(rows) * fraction)) if fraction > 0 else 0
-            cuts.append(rows[start:start + n])
-            start += n
-        for i, chosen in enumerate([rows[start:], *cuts]):
-            part[chosen] = i
-            position[chosen] = filled[i] + np.arange(len(chosen))
-            filled[i] += len(chosen)
-    return part, position
+    sizes = scanned.counts if quota is None else np.minimum(quota, scanned.counts)
+    classes, parts = len(scanned.names), len(fractions) + 1
+    low = np.zeros((parts, classes), dtype=np.int64)  # each part's ranks in its class: [low, high)
+    high = np.zeros((parts, classes), dtype=np.int64)
+    for code, n in enumerate(sizes.tolist()):
+        start = 0
+        for i, fraction in enumerate(fractions, start=1):
+            take = min(n - start, max(1, round(n * fraction)) if fraction > 0 else 0)
+            low[i, code], high[i, code] = start, start + take
+            start += take
+        low[0, code], high[0, code] = start, n
+    counts = high - low
+    in_label_order = sorted(range(classes), key=scanned.names.__getitem__)
+    offset = np.zeros((parts, classes), dtype=np.int64)
+    offset[:, in_label_order] = np.cumsum(counts[:, in_label_order], axis=1) - counts[:, in_label_order]
+    out = [Split(Path(folder) / str(i), scanned.rows, counts[i]) for i in range(parts)]
+    seen = np.zeros(classes, dtype=np.int64)
+    overlap = 0
+    for p in range(scanned.records.count):
+        records = scanned.records[p]  # by key
+        code = records["code"]
+        by_code = np.argsort(code, kind="stable")
+        rank = np.empty(len(code), dtype=np.int64)
+        rank[by_code] = np.arange(len(code)) - np.searchsorted(code[by_code], code[by_code])
+        rank += seen[code]
+        seen += np.bincount(code, minlength=classes)
+        for i, part in enumerate(out):
+            mine = (rank >= low[i, code]) & (rank < high[i, code])
+            part.add(records["row"][mine], offset[i, code[mine]] + rank[mine] - low[i, code[mine]])
+            if i == 0 and against is not None:
+                overlap += int(np.isin(against.records[p]["key"], records["key"][mine]).sum())
+    return out, overlap
+
+
+def in_file_order(scanned: Scanned, folder: Path) -> Split:
+    """Every kept row of a table as one split, in the order of the file (a held-out test file)."""
+    out = Split(folder, scanned.rows, scanned.counts)
+    for p in range(scanned.records.count):
+        records = scanned.records[p]
+        out.add(records["row"], np.zeros(len(records), dtype=np.int64))
+    filled = 0
+    for b in range(-(-scanned.rows // SELECT_ROWS)):
+        placed = out.bucket(b)
+        placed["position"] = filled + np.arange(len(placed))
+        filled += len(placed)
+        placed.tofile(out._path(b))
+    return out
 
 
 POSITION = "__position"
 
 
-def select(batches: Iterable[pl.DataFrame], chosen: np.ndarray, position: np.ndarray,
-           cfg: DataConfig) -> Iterator[pl.DataFrame]:
-    """The rows of the table (read again, chunk by chunk) where `chosen` is True: frames of (text, label,
-    POSITION: the row's `position`)."""
+def select(batches: Iterable[pl.DataFrame], rows: Split, cfg: DataConfig) -> Iterator[pl.DataFrame]:
+    """The rows of `rows` from the table (read again, chunk by chunk): frames of (text, label, POSITION:
+    the row's position in its split)."""
     offset = 0
     for chunk in batches:
-        mask = chosen[offset:offset + chunk.height]
-        where = position[offset:offset + chunk.height][mask]
-        offset += chunk.height
-        if mask.any():
+        placed = rows.between(offset, offset + chunk.height)
+        if len(placed):
+            mask = np.zeros(chunk.height, dtype=bool)
+            mask[placed["row"] - offset] = True
             yield chunk.filter(pl.Series(mask)).select(pl.col(cfg.text_column).cast(pl.String).alias(TEXT),
                                                        pl.col(cfg.label_column).cast(pl.String).alias(LABEL),
-                                                       pl.Series(POSITION, where))
-    if offset != len(chosen):
-        raise DataError(f"the data changed while it was prepared: {offset} rows now, {len(chosen)} before")
+                                                       pl.Series(POSITION, placed["position"]))
+        offset += chunk.height
+    if offset != rows.table_rows:
+        raise DataError(f"the data changed while it was prepared: {offset} rows now, {rows.table_rows} before")
 
 
 # --- tokenisation -------------------------------------------------------------------------------------

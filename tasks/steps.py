@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # Bump when copy_dataset's or prepare's output changes for the same inputs (a new file in the prepared
 # folder, another tokenisation): cached results of older code are then not reused.
 COPY_CACHE_VERSION = "2"  # 2: an export is copied as a folder of its parts, hashed part by part
-PREPARE_CACHE_VERSION = "2"  # 2: the streaming prepare splits by text hash
+PREPARE_CACHE_VERSION = "3"  # 3: the split follows seeded text keys (partitioned prepare)
 
 
 @dataclass

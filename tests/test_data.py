@@ -1,7 +1,6 @@
 import logging
 import re
 
-import numpy as np
 import polars as pl
 import pytest
 
@@ -231,14 +230,11 @@ def test_test_fraction_zero_with_a_test_file(tmp_path):
     assert meta["rows"] == {"train": 27, "validation": 3, "test": 6}
 
 
-def test_every_split_must_be_non_empty(tmp_path, monkeypatch):
-    from flytetune import prepare as preparation
-
-    # Every row to the training split: validation and test are left empty.
-    monkeypatch.setattr(preparation, "split_rows", lambda table, selected, fractions, seed: (
-        np.where(selected, 0, -1), np.cumsum(selected) - 1))
-    with pytest.raises(DataError, match=r"d.csv: the validation split is empty"):
-        prepare_csv(tmp_path, frame())
+def test_every_split_must_be_non_empty(tmp_path):
+    # 4 rows a class: 2 to validation (0.5), 2 to test (round(1.56)), none left for training.
+    cfg = FinetuneConfig(data=DataConfig(validation_fraction=0.5, test_fraction=0.39, min_examples_per_class=3))
+    with pytest.raises(DataError, match=r"d.csv: the train split is empty; check data.test_fraction"):
+        prepare_csv(tmp_path, frame(n_per_class=4), cfg)
     assert not (tmp_path / "prepared").exists(), "fails before the tokenizer writes anything"
 
 

@@ -98,15 +98,17 @@ def test_worst_examples_are_the_surest_mistakes(prepared_tiny):
 
 
 def test_worst_examples_refuse_texts_out_of_step_with_the_store(prepared_tiny, tmp_path):
-    predictions = predictions_with_mistakes(prepared_tiny, {3: 9.0})
     texts = pl.read_parquet(prepared_tiny / TEST_TEXTS)
     folder = tmp_path / "prepared"
     shutil.copytree(prepared_tiny, folder)
     # The test split is grouped by label: texts sorted within each label keep every label in place.
-    texts.sort("label", "text").write_parquet(folder / TEST_TEXTS)
-    assert texts.sort("label", "text").get_column("label").equals(texts.get_column("label"))
-    with pytest.raises(ValueError, match=r"test_texts.parquet: row 3 is not the test store's example 3 \(other "
-                                         r"tokens\); the prepared folder is inconsistent, prepare it again$"):
+    moved = texts.sort("label", "text")
+    moved.write_parquet(folder / TEST_TEXTS)
+    assert moved.get_column("label").equals(texts.get_column("label"))
+    row = int(np.flatnonzero(moved.get_column("text").to_numpy() != texts.get_column("text").to_numpy())[0])
+    predictions = predictions_with_mistakes(prepared_tiny, {row: 9.0})
+    with pytest.raises(ValueError, match=rf"test_texts.parquet: row {row} is not the test store's example {row} "
+                                         r"\(other tokens\); the prepared folder is inconsistent, prepare it again$"):
         worst_examples(predictions, folder)
     texts.head(39).write_parquet(folder / TEST_TEXTS)
     with pytest.raises(ValueError, match=r"test_texts.parquet: labels differ from the test store's \(39 rows, "

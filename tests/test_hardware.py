@@ -98,17 +98,25 @@ def test_losses_and_gradients_do_not_depend_on_padding(prepared_tiny, tiny_backb
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN: no bf16 autocast on this CPU")
-def test_bf16_autocast_trains_to_the_accuracy_of_fp32_on_cpu(tmp_path, prepared_tiny, tiny_backbone):
+def test_bf16_autocast_trains_to_the_accuracy_of_fp32_on_cpu(tmp_path, tiny_backbone):
     """A 2-layer BERT from scratch, 300 steps each: about 30 s on 2 cores even where bf16 is emulated
-    (no bf16 instructions: MiniLM took 100 s there). 40 validation rows, so 0.075 is 3 rows; measured
-    on such a CPU: fp32 0.500, bf16 0.625, train loss 0.629 and 0.565."""
+    (no bf16 instructions: MiniLM took 100 s there). 398 validation rows of the sample, so 0.05 is 20
+    rows; measured: fp32 0.523, bf16 0.560 (on the tiny split's 40 rows one split's fp32 beat bf16 by 4
+    rows, another's bf16 beat fp32 by 5: too few to compare)."""
+    from flytetune.data import SAMPLE_DATASET, copy_dataset
+    from flytetune.prepare import prepare
+
+    overrides = ["data.max_rows=1600", "data.validation_fraction=0.25", "checkpoint.uri=null",
+                 f"model.backbone={tiny_backbone}", "train.max_steps=300", "train.epochs=30",
+                 "train.learning_rate=2e-3"]
+    copy_dataset(str(SAMPLE_DATASET), tmp_path / "raw")
+    prepare(tmp_path / "raw", tmp_path / "prepared", load_config(TINY_CONFIG, overrides))
     scores = {}
     for precision in ("fp32", "bf16"):
-        cfg = load_config(TINY_CONFIG, [f"train.precision={precision}", "train.max_steps=300", "train.epochs=30",
-                                        "train.learning_rate=2e-3", "checkpoint.uri=null",
-                                        f"model.backbone={tiny_backbone}"])
-        scores[precision] = fit(prepared_tiny, tmp_path / precision, cfg).history[-1]
+        cfg = load_config(TINY_CONFIG, [*overrides, f"train.precision={precision}"])
+        history = fit(tmp_path / "prepared", tmp_path / precision, cfg).history
+        scores[precision] = history[-1]
     assert scores["fp32"]["val_accuracy"] >= 0.3, scores  # it learnt something: the comparison means something
-    assert scores["bf16"]["val_accuracy"] >= scores["fp32"]["val_accuracy"] - 0.075, scores
+    assert scores["bf16"]["val_accuracy"] >= scores["fp32"]["val_accuracy"] - 0.05, scores
     assert scores["bf16"]["train_loss"] == pytest.approx(scores["fp32"]["train_loss"], rel=0.2), scores
     assert scores["bf16"]["train_loss"] != scores["fp32"]["train_loss"], "bf16 rounding shows: autocast ran"

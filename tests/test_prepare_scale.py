@@ -1,6 +1,6 @@
 """Prepare in bounded memory (flytetune/prepare_stream.py): the same outputs as tokenising in memory,
-the same checks across chunk boundaries, a stratified and repeatable split, parts under a folder,
-and memory that grows by bytes a row, not with the text."""
+the same checks across chunk boundaries and partitions, a stratified and repeatable split, parts under
+a folder, and memory that stays flat as rows grow."""
 
 import json
 import subprocess
@@ -55,6 +55,7 @@ def test_same_token_ids_as_tokenising_in_memory(tmp_path, monkeypatch):
     from flytetune import prepare_stream
 
     monkeypatch.setattr(prepare_stream, "BUCKET_ROWS", 997)  # many spill buckets on the way into split order
+    monkeypatch.setattr(prepare_stream, "SELECT_ROWS", 9_973)  # and select buckets that chunks straddle
 
     df = generated(100_000)
     meta = run(tmp_path, df, chunk_rows=7_000, workers=2)
@@ -64,8 +65,14 @@ def test_same_token_ids_as_tokenising_in_memory(tmp_path, monkeypatch):
     ids = tokenizer(kept.get_column("text").to_list(), truncation=True, max_length=16)["input_ids"]
     labels = kept.get_column("label")
     expected = Counter((tuple(i), meta["label2id"][label]) for i, label in zip(ids, labels, strict=True))
-    got = Counter(row for split in SPLITS for row in stored(tmp_path / "prepared", split))
+    splits = {split: stored(tmp_path / "prepared", split) for split in SPLITS}
+    got = Counter(row for rows in splits.values() for row in rows)
     assert got == expected
+    for split, rows in splits.items():  # the profile, from counts of lengths, is numpy's on the lengths
+        lengths = np.array([len(ids) for ids, _ in rows])
+        assert meta["profile"]["token_length"][split] == {
+            "mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
+            "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())}, split
     assert sum(meta["truncated"].values()) == sum(len(i) == 16 for i in ids) > 0
     texts = pl.read_parquet(tmp_path / "prepared" / TEST_TEXTS)
     encoded = tokenizer(texts.get_column("text").to_list(), truncation=True, max_length=16)["input_ids"]
@@ -102,7 +109,7 @@ def test_split_is_stratified_and_the_same_on_every_run(tmp_path):
 
 
 # sha256 of the bundled sample's test texts, in test_texts.parquet's order, under configs/local.yaml.
-SAMPLE_TEST_SPLIT = "54b8a86b079dda4d80bdb3a97d383dc28c617408431eaad8089ca46f5b3ec76a"
+SAMPLE_TEST_SPLIT = "b701095b668a3b0355c9a58cd7f3be761f3ca1d7347988eebfbc143599fca3de"
 
 
 def test_the_samples_split_is_the_recorded_one(tmp_path):
@@ -149,12 +156,13 @@ def test_checks_see_across_chunks(tmp_path, case):
         expected = validate(read_table(path), "src", cfg, report=whole)
     except DataError as e:
         with pytest.raises(DataError) as raised:
-            scan(iter_table(path, "src", chunk_rows=7), "src", cfg)
+            scan(iter_table(path, "src", chunk_rows=7), "src", cfg, tmp_path / "scan")
         assert str(raised.value) == str(e)
         return
-    scanned = scan(iter_table(path, "src", chunk_rows=7), "src", cfg, report=chunked)
+    scanned = scan(iter_table(path, "src", chunk_rows=7), "src", cfg, tmp_path / "scan", report=chunked)
     assert chunked == whole and whole["warnings"]
-    assert (np.flatnonzero(scanned.keep) + 1).tolist() == expected.get_column("__row").to_list()
+    kept = np.sort(np.concatenate([scanned.records[p]["row"] for p in range(scanned.records.count)]))
+    assert (kept + 1).tolist() == expected.get_column("__row").to_list()
 
 
 def test_parts_under_a_folder_are_one_table(tmp_path):
@@ -180,15 +188,16 @@ PEAK = textwrap.dedent("""
     from flytetune.config import DataConfig, FinetuneConfig
     from flytetune import prepare_stream, store
     from flytetune.prepare import prepare
-    # Buffers bounded by rows (spill buckets, write batches) full at the smaller size: what grows is per row.
-    prepare_stream.BUCKET_ROWS, store.WRITE_BATCH = 10_000, 10_000
+    # Buffers bounded by rows (spill and select buckets, write batches) full at the smaller size:
+    # what grows is per row.
+    prepare_stream.BUCKET_ROWS = prepare_stream.SELECT_ROWS = store.WRITE_BATCH = 10_000
     raw = Path(sys.argv[1])
     prepare(raw, Path(sys.argv[2]), FinetuneConfig(data=DataConfig(max_length=16)), chunk_rows=20_000, workers=0)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """)
 
 
-def test_memory_grows_by_bytes_a_row_not_by_the_text(tmp_path):
+def test_memory_stays_flat_as_rows_grow(tmp_path):
     peaks = {}
     for rows in (50_000, 500_000):
         raw = tmp_path / f"raw-{rows}"
@@ -203,8 +212,8 @@ def test_memory_grows_by_bytes_a_row_not_by_the_text(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         peaks[rows] = int(done.stdout.split()[-1])
-    # Measured here: ~105 bytes a row between these sizes (12 kept, ~46 at the duplicate sort, the rest
-    # allocator slack); holding each text as a Python string adds ~95 (measured 200), and prepare in
-    # memory took ~2,600 (2.6 GB at 1M rows): texts and token lists.
+    # Measured here: 616 MB at both sizes (0 bytes a row). Before partitioning, prepare kept 12 bytes a row
+    # (~46 at the duplicate sort) and measured ~105 between these sizes; holding each text as a Python
+    # string adds ~95, and prepare in memory took ~2,600 (2.6 GB at 1M rows): texts and token lists.
     per_row = (peaks[500_000] - peaks[50_000]) * 2**20 / 450_000
-    assert per_row < 150, (peaks, f"{per_row:.0f} bytes a row")
+    assert per_row < 16, (peaks, f"{per_row:.0f} bytes a row")

@@ -45,7 +45,7 @@ def test_the_sizes_load_in_order():
     sizes = load_prepare_sizes(SIZES_FILE)
     assert list(sizes) == SIZES
     assert sizes["standard"].auto_up_to == "256Mi" and sizes["large"].auto_up_to is None
-    # Sizes differ in CPUs (tokenising processes), disk, and memory for the 12-46 bytes a row prepare keeps.
+    # Sizes differ in CPUs (tokenising processes), disk, and memory for those processes.
     assert int(sizes["large"].limits.cpu) > int(sizes["standard"].limits.cpu)
     for size in sizes.values():
         assert size.limits.gpu == 0 and size.requests.mem == size.limits.mem
