@@ -74,13 +74,10 @@ class Partitions:
         return self.folder / f"{p:05d}.rec"
 
     def add(self, records: np.ndarray) -> None:
-        part = (records["key"] >> self._shift).astype(np.intp)
-        order = np.argsort(part, kind="stable")  # rows stay in file order inside a partition
-        records, bounds = records[order], np.searchsorted(part[order], np.arange(self.count + 1))
-        for p in np.flatnonzero(np.diff(bounds)).tolist():
+        for p, group in _grouped(records, (records["key"] >> self._shift).astype(np.intp), self.count):
             if p not in self._files:
                 self._files[p] = open(self._path(p), "ab")  # noqa: SIM115
-            records[bounds[p]:bounds[p + 1]].tofile(self._files[p])
+            group.tofile(self._files[p])
 
     def close(self) -> None:
         for f in self._files.values():
@@ -88,13 +85,25 @@ class Partitions:
         self._files = {}
 
     def __getitem__(self, p: int) -> np.ndarray:
-        path = self._path(p)
-        return np.fromfile(path, dtype=RECORD) if path.exists() else np.empty(0, RECORD)
+        return _read(self._path(p), RECORD)
 
     def __setitem__(self, p: int, records: np.ndarray) -> None:
         tmp = self._path(p).with_suffix(".tmp")
         records.tofile(tmp)
         os.replace(tmp, self._path(p))
+
+
+def _grouped(records: np.ndarray, bucket: np.ndarray, count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(b, the records whose bucket is b, in their order) for each of `count` buckets that has any."""
+    order = np.argsort(bucket, kind="stable")
+    records, bounds = records[order], np.searchsorted(bucket[order], np.arange(count + 1))
+    for b in np.flatnonzero(np.diff(bounds)).tolist():
+        yield b, records[bounds[b]:bounds[b + 1]]
+
+
+def _read(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The records in `path`; none when it was never written (a bucket no row fell in)."""
+    return np.fromfile(path, dtype=dtype) if path.exists() else np.empty(0, dtype)
 
 
 @dataclass
@@ -234,17 +243,14 @@ class Split:
     def add(self, rows: np.ndarray, positions: np.ndarray) -> None:
         placed = np.empty(len(rows), PLACED)
         placed["row"], placed["position"] = rows, positions
-        placed = placed[np.argsort(rows, kind="stable")]
-        bounds = np.searchsorted(placed["row"], np.arange(0, self.table_rows + SELECT_ROWS, SELECT_ROWS))
-        for b in np.flatnonzero(np.diff(bounds)).tolist():
+        for b, group in _grouped(placed, rows // SELECT_ROWS, -(-self.table_rows // SELECT_ROWS)):
             # Opened per write: a billion rows are a thousand buckets per split, past a process's files.
             with open(self._path(b), "ab") as f:
-                placed[bounds[b]:bounds[b + 1]].tofile(f)
+                group.tofile(f)
 
     def bucket(self, b: int) -> np.ndarray:
         """The placed rows of rows [b * SELECT_ROWS, (b + 1) * SELECT_ROWS), sorted by row."""
-        path = self._path(b)
-        placed = np.fromfile(path, dtype=PLACED) if path.exists() else np.empty(0, PLACED)
+        placed = _read(self._path(b), PLACED)
         return placed[np.argsort(placed["row"], kind="stable")]
 
     def between(self, start: int, stop: int) -> np.ndarray:
